@@ -1,0 +1,44 @@
+"""User-facing errors and the checks that raise them.
+
+A `ForethoughtError` is a mistake in what the user passed (a shape, a name, a flag value), not a
+bug in the library: the CLI prints its message on one line and exits with status 2. Every message
+names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+class ForethoughtError(ValueError):
+    """Bad input from the user; the message says what was expected and what came."""
+
+
+def check_array(value: Any, name: str, shape: tuple[int, ...], *, where: str = "") -> None:
+    """Raise if `value` is not a floating array of `shape`.
+
+    Works on traced JAX values (the shape and dtype are static), so a check inside a jitted
+    function costs nothing at run time.
+    """
+    prefix = f"{where}: " if where else ""
+    got_shape = tuple(np.shape(value))
+    if got_shape != tuple(shape):
+        raise ForethoughtError(f"{prefix}{name} must have shape {tuple(shape)}, got {got_shape}")
+    dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
+    if not np.issubdtype(dtype, np.floating):
+        raise ForethoughtError(f"{prefix}{name} must be a floating-point array, got dtype {dtype}")
+
+
+def check_finite(value: Any, name: str, *, where: str = "") -> None:
+    """Raise if a concrete (NumPy) array holds NaN or inf."""
+    array = np.asarray(value)
+    if not np.all(np.isfinite(array)):
+        prefix = f"{where}: " if where else ""
+        raise ForethoughtError(f"{prefix}{name} must be finite, got {array.tolist()}")
+
+
+def check_choice(value: str, name: str, choices: list[str] | tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ForethoughtError(f"unknown {name} {value!r}; expected one of: {', '.join(choices)}")
