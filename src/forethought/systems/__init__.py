@@ -19,6 +19,15 @@ from forethought.systems.base import ContinuousSystem, System
 # name -> "module:Class"; imported on first use so `forethought list` stays fast.
 _REGISTRY: dict[str, str] = {
     "pendulum": "forethought.systems.pendulum:Pendulum",
+    "cartpole": "forethought.systems.cartpole:CartPole",
+    "acrobot": "forethought.systems.acrobot:Acrobot",
+    "double-integrator": "forethought.systems.linear:DoubleIntegrator",
+    "linear": "forethought.systems.linear:Linear",
+    "mountain-car": "forethought.systems.mountain_car:MountainCar",
+    "dyna-maze": "forethought.systems.mazes:dyna_maze",
+    "blocking-maze": "forethought.systems.mazes:blocking_maze",
+    "shortcut-maze": "forethought.systems.mazes:shortcut_maze",
+    "maze": "forethought.systems.mazes:Maze.from_layout",
 }
 
 
@@ -27,24 +36,24 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_class(name: str) -> type:
+def get_class(name: str):
+    """The class (or factory function) behind `name`."""
     if name not in _REGISTRY:
         raise ForethoughtError(f"unknown system {name!r}; expected one of: {', '.join(names())}")
     module, attr = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), attr)
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def make(name: str, **params: Any):
     """Build the system `name` with physical parameters `params` (its dataclass fields)."""
-    cls = get_class(name)
+    factory = get_class(name)
     try:
-        return cls(**params)
+        return factory(**params)
     except TypeError as error:
-        import dataclasses
-        fields = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ForethoughtError(
-            f"bad parameters {sorted(params)} for system {name!r}: {error}; fields are: {fields}"
-        ) from None
+        raise ForethoughtError(f"bad parameters {sorted(params)} for system {name!r}: {error}") from None
 
 
 __all__ = ["System", "ContinuousSystem", "make", "names", "get_class"]
