@@ -56,4 +56,8 @@ def make(name: str, **params: Any):
         raise ForethoughtError(f"bad parameters {sorted(params)} for system {name!r}: {error}") from None
 
 
-__all__ = ["System", "ContinuousSystem", "make", "names", "get_class"]
+
+from forethought.systems.gym import SystemEnv, make_env, system_of  # noqa: E402  (registers envs)
+
+__all__ = ["System", "ContinuousSystem", "SystemEnv", "make", "make_env", "names", "get_class",
+           "system_of"]

@@ -1,0 +1,1 @@
+"""Run folders, metric logs, checkpoints, progress bars and plots."""

@@ -1,0 +1,102 @@
+"""Learning curves: one run, or many runs overlaid with the mean and a 95% interval across seeds.
+
+Runs are grouped by everything in their config.json except the seed (and the time and
+environment records), so `forethought plot runs/*` draws one band per setting.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from forethought.errors import ForethoughtError
+from forethought.experiment.run import CONFIG, read_metrics
+
+# Two-sided 95% Student-t quantiles by degrees of freedom (1..30); the normal value beyond.
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def t95(dof: int) -> float:
+    return _T95[dof - 1] if 1 <= dof <= len(_T95) else 1.96
+
+
+def mean_interval(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and 95% t-interval over axis 0 of `[seeds, points]` (NaN-aware). Returns (mean, lo, hi)."""
+    curves = np.asarray(curves, float)
+    n = np.sum(np.isfinite(curves), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.nanmean(curves, axis=0)
+        std = np.nanstd(curves, axis=0, ddof=1) if curves.shape[0] > 1 else np.zeros_like(mean)
+        half = np.array([t95(int(k) - 1) if k > 1 else 0.0 for k in n]) * std / np.sqrt(np.maximum(n, 1))
+    half = np.nan_to_num(half)
+    return mean, mean - half, mean + half
+
+
+def _label(config: dict) -> str:
+    agent, env = config.get("agent", "?"), config.get("env", "?")
+    return f"{agent} on {env}"
+
+
+def _group_key(config: dict) -> str:
+    ignored = {"seed", "created", "environment", "out", "resume"}
+    return json.dumps({k: v for k, v in config.items() if k not in ignored}, sort_keys=True, default=str)
+
+
+def load_runs(run_dirs: Sequence[Path]) -> list[tuple[dict, dict[str, list[float]]]]:
+    runs = []
+    for run_dir in map(Path, run_dirs):
+        config_path = run_dir / CONFIG
+        if not config_path.is_file():
+            raise ForethoughtError(f"{run_dir} is not a run folder (no {CONFIG})")
+        runs.append((json.loads(config_path.read_text()), read_metrics(run_dir)))
+    return runs
+
+
+def learning_curves(run_dirs: Sequence[Path], out: Path, *, x: str = "env_steps",
+                    y: str = "return", title: str | None = None) -> Path:
+    """Plot `y` against `x` for `run_dirs` to the PNG `out`; returns `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = load_runs(run_dirs)
+    groups: dict[str, list[tuple[dict, dict]]] = {}
+    for config, metrics in runs:
+        if y not in metrics or x not in metrics:
+            raise ForethoughtError(f"run {config.get('agent')}/{config.get('env')} has no column "
+                                   f"{y if y not in metrics else x!r}; columns: {', '.join(metrics)}")
+        groups.setdefault(_group_key(config), []).append((config, metrics))
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    labels = [_label(g[0][0]) for g in groups.values()]
+    for (members, label) in zip(groups.values(), labels):
+        if labels.count(label) > 1:  # same agent and env, other settings: say which run
+            label = f"{label} ({members[0][0].get('created', '')})"
+        if len(members) == 1:
+            metrics = members[0][1]
+            ax.plot(metrics[x], metrics[y], marker="o", markersize=3, label=label)
+            continue
+        grid = np.unique(np.concatenate([m[x] for _, m in members]))
+        curves = np.array([np.interp(grid, m[x], m[y], right=np.nan) for _, m in members])
+        mean, lo, hi = mean_interval(curves)
+        (line,) = ax.plot(grid, mean, label=f"{label} (mean of {len(members)} seeds)")
+        ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel(y.replace("_", " "))
+    ax.set_title(title or "learning curve" + ("s" if len(groups) > 1 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
