@@ -44,6 +44,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def _is_array(leaf: Any) -> bool:
+    """Arrays are saved; other leaves (activation functions, Python settings) come from `like`."""
+    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
 def _is_key(leaf: Any) -> bool:
     return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
 
@@ -54,6 +59,8 @@ def save(path: Path, tree: Any, meta: dict | None = None) -> None:
 
     arrays = {}
     for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
+        if not _is_array(leaf):
+            continue
         if _is_key(leaf):
             arrays[f"{_KEY_PREFIX}{i}"] = np.asarray(jax.random.key_data(leaf))
         else:
@@ -92,10 +99,14 @@ def load(path: Path, like: Any) -> tuple[Any, dict]:
     """
     arrays, meta = _open(path)
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    if len(arrays) != len(leaves):
-        raise ForethoughtError(f"checkpoint {path} holds {len(arrays)} arrays, expected {len(leaves)}")
+    expected_count = sum(map(_is_array, leaves))
+    if len(arrays) != expected_count:
+        raise ForethoughtError(f"checkpoint {path} holds {len(arrays)} arrays, expected {expected_count}")
     restored = []
     for i, template in enumerate(leaves):
+        if not _is_array(template):
+            restored.append(template)
+            continue
         if _is_key(template):
             name = f"{_KEY_PREFIX}{i}"
             if name not in arrays:
@@ -108,11 +119,13 @@ def load(path: Path, like: Any) -> tuple[Any, dict]:
         expected = np.shape(template)
         if value.shape != expected:
             raise ForethoughtError(f"checkpoint {path}: leaf {i} has shape {value.shape}, expected {expected}")
-        if hasattr(template, "dtype"):
-            if value.dtype != np.dtype(template.dtype):
-                raise ForethoughtError(f"checkpoint {path}: leaf {i} has dtype {value.dtype}, "
-                                       f"expected {np.dtype(template.dtype)}")
-            restored.append(jax.numpy.asarray(value) if isinstance(template, jax.Array) else value)
+        if value.dtype != np.dtype(template.dtype):
+            raise ForethoughtError(f"checkpoint {path}: leaf {i} has dtype {value.dtype}, "
+                                   f"expected {np.dtype(template.dtype)}")
+        if isinstance(template, jax.Array):
+            restored.append(jax.numpy.asarray(value))
+        elif isinstance(template, np.generic):
+            restored.append(value[()])
         else:
-            restored.append(value.item() if value.ndim == 0 else value)
+            restored.append(value)
     return jax.tree_util.tree_unflatten(treedef, restored), meta

@@ -133,6 +133,9 @@ def _make_builtin(name: str, render_mode: str | None = None, render_size: int = 
 
 def _entry_point(name: str):
     def make(**kwargs):
+        if name == "maze" and "layout" not in kwargs:  # gymnasium.make needs a default: the Dyna maze
+            from forethought.systems.mazes import dyna_maze
+            kwargs["layout"] = dyna_maze().to_layout()
         return _make_builtin(name, **kwargs)
     make.__name__ = f"make_{name.replace('-', '_')}"
     return make

@@ -92,7 +92,8 @@ class Maze:
         if len(set(goals)) != len(goals):
             raise ForethoughtError(f"Maze: goals must be distinct, got {list(goals)}")
         if start in goals:
-            raise ForethoughtError(f"Maze: start {start} must not be a goal, goals are {list(goals)}")
+            raise ForethoughtError(
+                f"Maze: start {start} must not be a goal, goals are {list(goals)}")
 
         S, A = rows * cols, len(ACTIONS)
         r, c = np.divmod(np.arange(S), cols)
@@ -138,9 +139,11 @@ class Maze:
         goals = [tuple(int(v) for v in p) for p in np.argwhere(grid == GOAL)]
         if len(starts) != 1:
             got = "none" if not starts else f"{len(starts)}, at {starts}"
-            raise ForethoughtError(f"{where}: layout must contain exactly one 'S' (start), got {got}")
+            raise ForethoughtError(
+                f"{where}: layout must contain exactly one 'S' (start), got {got}")
         if not goals:
-            raise ForethoughtError(f"{where}: layout must contain at least one 'G' (goal), got none")
+            raise ForethoughtError(
+                f"{where}: layout must contain at least one 'G' (goal), got none")
         return cls.from_walls(grid == WALL, starts[0], goals)
 
     # ----- the model --------------------------------------------------------------------------
@@ -199,7 +202,8 @@ class Maze:
         """The fewest steps from the start to a goal (breadth-first search)."""
         d = int(self.goal_distances()[self.start_state])
         if d < 0:
-            raise ForethoughtError(f"Maze: no goal can be reached from the start in\n{self.to_layout()}")
+            raise ForethoughtError(
+                f"Maze: no goal can be reached from the start in\n{self.to_layout()}")
         return d
 
     # ----- text and pictures -------------------------------------------------------------------
@@ -215,7 +219,7 @@ class Maze:
         """uint8 [size, size, 3]: walls dark, the start blue, goals green, the agent (at state
         `s`, if given) an orange disc. One cell is one world unit, row 0 at the top."""
         rows, cols = self.shape
-        side = max(rows, cols)
+        side = max(rows, cols) + 0.2  # a margin keeps the border line inside the image
         pad_x, pad_y = (side - cols) / 2, (side - rows) / 2
         canvas = draw.Canvas(size, (-pad_x, cols + pad_x, -pad_y, rows + pad_y))
 
@@ -249,7 +253,10 @@ class Maze:
         return hash((self.shape, self.start, self.goals))
 
     def __repr__(self) -> str:
-        return f"Maze.from_layout('''\n{self.to_layout()}\n''')"
+        try:
+            return f"Maze.from_layout('''\n{self.to_layout()}\n''')"
+        except Exception:  # traced or batched arrays have no single layout to print
+            return f"Maze(shape={self.shape}, start={self.start}, goals={self.goals})"
 
 
 jax.tree_util.register_dataclass(
@@ -263,7 +270,8 @@ def _cell(value: Any, name: str, walls: np.ndarray) -> tuple[int, int]:
     try:
         row, col = (int(v) for v in value)
     except (TypeError, ValueError):
-        raise ForethoughtError(f"Maze: {name} must be a (row, col) pair of ints, got {value!r}") from None
+        raise ForethoughtError(
+            f"Maze: {name} must be a (row, col) pair of ints, got {value!r}") from None
     if not (0 <= row < rows and 0 <= col < cols):
         raise ForethoughtError(
             f"Maze: {name} must lie inside the {rows}x{cols} grid, got ({row}, {col})")
@@ -303,7 +311,7 @@ class ChangingMaze:
 
     def maze_at(self, step) -> Maze:
         """The layout in force for the transition taken at total step `step` (0-based)."""
-        if isinstance(step, (int, np.integer)) or not isinstance(step, jax.core.Tracer):
+        if not isinstance(step, jax.core.Tracer):
             return self.before if int(step) < self.change_at else self.after
         if (self.before.start, self.before.goals) != (self.after.start, self.after.goals):
             raise ForethoughtError(
@@ -426,7 +434,8 @@ class MazeEnv(gymnasium.Env):
 
     Observations are the state index (`Discrete(S)`), actions index `ACTIONS` (`Discrete(4)`);
     the reward is 1 on entering a goal, where the episode terminates, and 0 otherwise. With
-    `max_episode_steps` an episode is truncated after that many steps. The env counts its steps
+    `max_episode_steps` an episode is truncated after that many steps. `info["position"]` is the
+    agent's `(row, col)`. The env counts its steps
     across episodes (`total_steps`, never reset), and a `ChangingMaze` uses
     `maze_at(total_steps)` for each step. `reset(seed=...)` is accepted; the world is
     deterministic, so the seed changes nothing.
@@ -445,7 +454,8 @@ class MazeEnv(gymnasium.Env):
         if max_episode_steps is not None and (
                 not isinstance(max_episode_steps, (int, np.integer)) or max_episode_steps < 1):
             raise ForethoughtError(
-                f"MazeEnv: max_episode_steps must be None or an integer >= 1, got {max_episode_steps!r}")
+                "MazeEnv: max_episode_steps must be None or an integer >= 1, "
+                f"got {max_episode_steps!r}")
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ForethoughtError(
                 f"MazeEnv: render_mode must be None or one of {self.metadata['render_modes']}, "
@@ -478,7 +488,8 @@ class MazeEnv(gymnasium.Env):
     def step(self, action):
         if not self.action_space.contains(action):
             raise ForethoughtError(
-                f"MazeEnv.step: action must be an integer in [0, {self.action_space.n}), got {action!r}")
+                f"MazeEnv.step: action must be an integer in [0, {self.action_space.n}), "
+                f"got {action!r}")
         changed = isinstance(self.world, ChangingMaze) and self.total_steps >= self.world.change_at
         next_state, reward, terminal = self._tables[int(changed)]
         a = int(action)
@@ -493,9 +504,11 @@ class MazeEnv(gymnasium.Env):
 
     def render(self):
         if self.render_mode is None:
-            gymnasium.logger.warn("MazeEnv.render: render_mode is None; pass render_mode='rgb_array'")
+            gymnasium.logger.warn(
+                "MazeEnv.render: render_mode is None; pass render_mode='rgb_array'")
             return None
         return self.maze.render(self.state)
 
     def _info(self) -> dict:
-        return {"position": self.maze.position(self.state), "total_steps": self.total_steps}
+        # Not `total_steps`: Gymnasium expects a reset with the same seed to give the same info.
+        return {"position": self.maze.position(self.state)}

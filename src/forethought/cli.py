@@ -1,0 +1,224 @@
+"""The `forethought` command.
+
+    forethought list                          systems and agents
+    forethought run AGENT --env ENV [--seed S] [--episodes N] [--out DIR] [agent flags]
+    forethought run AGENT --resume RUN_DIR    continue a killed run from its last checkpoint
+    forethought plot RUN_DIR... [--out PNG] [--x env_steps|episode] [--y return]
+
+Agent flags come from the agent's `Config` dataclass (`forethought run AGENT --help` lists them).
+User mistakes print one line on stderr and exit with status 2; nothing half-written is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import re
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from forethought.errors import ForethoughtError
+
+PROG = "forethought"
+
+
+class UsageError(ForethoughtError):
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Model-based RL and optimal control in JAX.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("list", help="list the built-in systems and the agents")
+
+    run = commands.add_parser("run", help="train an agent on an env", add_help=False)
+    run.add_argument("agent", nargs="?", help="agent name (see `forethought list`)")
+    run.add_argument("--env", default="pendulum",
+                     help="built-in system name or gym:<Gymnasium id> (default: pendulum)")
+    run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    run.add_argument("--out", type=Path, default=None,
+                     help="run folder (default: runs/AGENT-ENV-TIME)")
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue this run folder from its last checkpoint")
+    run.add_argument("--env-layout", type=Path, default=None, metavar="FILE",
+                     help="maze layout file for --env maze (# wall, . free, S start, G goal)")
+    run.add_argument("-h", "--help", action="store_true", help="show this help and the agent's flags")
+
+    plot = commands.add_parser("plot", help="plot learning curves of run folders")
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/learning_curve.png "
+                      "for one run, learning_curves.png for several)")
+    plot.add_argument("--x", default="env_steps", help="x column (default: env_steps)")
+    plot.add_argument("--y", default="return", help="y column (default: return)")
+    return parser
+
+
+def _tyro_message(text: str) -> str:
+    """The one informative line of tyro's boxed error output."""
+    lines = [re.sub(r"[│╭╮╰╯─]+", " ", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not set(line) <= set("-─ ")]
+    for line in lines[1:]:
+        if not line.lower().startswith(("argument helptext", "for full helptext")):
+            return line
+    return lines[0] if lines else "invalid arguments"
+
+
+def parse_config(config_cls: type, args: Sequence[str], prog: str, defaults: Any = None) -> Any:
+    """Build the agent's `Config` from command-line flags with tyro; errors become one line."""
+    import tyro
+
+    kwargs = {"default": defaults} if defaults is not None else {}
+    if "-h" in args or "--help" in args:
+        return tyro.cli(config_cls, args=list(args), prog=prog, **kwargs)  # prints help, exits 0
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured), contextlib.redirect_stdout(captured):
+            return tyro.cli(config_cls, args=list(args), prog=prog, **kwargs)
+    except SystemExit as stop:
+        if stop.code in (0, None):
+            raise
+        raise UsageError(_tyro_message(captured.getvalue())) from None
+
+
+def _config_from_json(config_cls: type, data: dict) -> Any:
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(data) - fields
+    if unknown:
+        raise ForethoughtError(f"config has unknown fields {sorted(unknown)} for {config_cls.__module__}."
+                               f"Config; fields are: {', '.join(sorted(fields))}")
+    return config_cls(**data)
+
+
+def cmd_list() -> int:
+    from forethought import agents, systems
+
+    print("systems:")
+    for name in systems.names():
+        factory = systems.get_class(name)
+        doc = (factory.__doc__ or "").strip().splitlines()
+        print(f"  {name:<18} {doc[0] if doc else ''}")
+    print("agents:")
+    for name in agents.names():
+        print(f"  {name:<18} {agents.summary(name)}")
+    return 0
+
+
+def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
+    from forethought import agents
+    from forethought._jax import enable_compilation_cache
+    from forethought.experiment.run import Run, default_run_dir
+    from forethought.systems import make_env
+
+    if options.agent is None:
+        if options.help:
+            print(_run_help())
+            return 0
+        raise UsageError(f"run: missing AGENT; expected one of: {', '.join(agents.names())}")
+    module = agents.load(options.agent)
+    prog = f"{PROG} run {options.agent}"
+    if options.help:
+        print(_run_help())
+        print(f"\nflags of the {options.agent} agent:")
+        parse_config(module.Config, ["--help"], prog)
+        return 0
+
+    if options.resume is not None:
+        run = Run.open(options.resume)
+        recorded = run.config
+        if recorded.get("agent") != options.agent:
+            raise UsageError(f"--resume {options.resume} is a run of agent {recorded.get('agent')!r}, "
+                             f"not {options.agent!r}")
+        config = _config_from_json(module.Config, recorded.get("config", {}))
+        env_name, seed, layout = recorded["env"], int(recorded["seed"]), recorded.get("env_layout_text")
+    else:
+        config = parse_config(module.Config, rest, prog)
+        env_name, seed = options.env, options.seed
+        layout = _read_layout(options.env_layout)
+
+    env = make_env(env_name, layout=layout)  # fails before any folder is made
+    if options.resume is None:
+        out = options.out or default_run_dir(options.agent, env_name)
+        record = {"agent": options.agent, "env": env_name, "seed": seed,
+                  "config": dataclasses.asdict(config)}
+        if layout is not None:
+            record["env_layout_text"] = layout
+        run = Run.create(out, record)
+
+    enable_compilation_cache()
+    import jax
+
+    print(f"run folder: {run.path}", file=sys.stderr)
+    try:
+        module.train(config, env, jax.random.key(seed), run)
+    except KeyboardInterrupt:
+        run.event("interrupted")
+        print(f"interrupted; continue with: {PROG} run {options.agent} --resume {run.path}", file=sys.stderr)
+        return 130
+    finally:
+        env.close()
+    from forethought.experiment.plot import learning_curves
+
+    plot = learning_curves([run.path], run.path / "learning_curve.png", x="env_steps")
+    run.event("finish")
+    print(f"done: {run.path} (plot: {plot.name})", file=sys.stderr)
+    return 0
+
+
+def _read_layout(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as error:
+        raise UsageError(f"--env-layout {path}: cannot read it ({error.strerror})") from None
+
+
+def _run_help() -> str:
+    help_text = _parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    return help_text.replace("usage: forethought run", "usage: forethought run AGENT", 1)
+
+
+def cmd_plot(options: argparse.Namespace) -> int:
+    from forethought.experiment.plot import learning_curves
+
+    if options.out is None:
+        options.out = (options.runs[0] / "learning_curve.png" if len(options.runs) == 1
+                       else Path("learning_curves.png"))
+    path = learning_curves(options.runs, options.out, x=options.x, y=options.y)
+    print(path)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                options, rest = parser.parse_known_args(argv)
+        except SystemExit as stop:
+            if stop.code in (0, None):
+                return 0
+            lines = [line for line in captured.getvalue().splitlines() if line.strip()]
+            raise UsageError(lines[-1].split("error: ", 1)[-1] if lines else "invalid arguments") from None
+        if options.command is None:
+            parser.print_help()
+            return 2
+        if options.command != "run" and rest:
+            raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
+        if options.command == "list":
+            return cmd_list()
+        if options.command == "plot":
+            return cmd_plot(options)
+        return cmd_run(options, rest)
+    except ForethoughtError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

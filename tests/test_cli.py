@@ -1,0 +1,125 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from forethought.cli import main
+from forethought.experiment.run import read_metrics
+
+CLI = [sys.executable, "-m", "forethought.cli"]
+
+
+def run_cli(*args, **kwargs):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_random_agent_writes_a_complete_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = run_cli("run", "random", "--env", "pendulum", "--episodes", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoint.npz", "config.json", "events.jsonl", "learning_curve.png", "metrics.csv"]
+    metrics = read_metrics(out)
+    assert metrics["episode"] == [0, 1, 2] and metrics["env_steps"] == [100, 200, 300]
+    config = json.loads((out / "config.json").read_text())
+    assert config["agent"] == "random" and config["config"] == {"episodes": 3}
+    events = [json.loads(line)["event"] for line in (out / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and events[-1] == "finish"
+    assert "\x1b[" not in result.stderr  # no progress bar when not on a terminal
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "random", "--env", "pendulm"], "unknown env 'pendulm'"),
+    (["run", "rand"], "unknown agent 'rand'"),
+    (["run", "random", "--episodes", "abc"], "--episodes"),
+    (["run", "random", "--episodes", "0"], "episodes must be >= 1, got 0"),
+    (["run", "random", "--bogus", "1"], "--bogus"),
+    (["run", "random", "--seed", "x"], "--seed"),
+    (["run", "random", "--env", "maze"], "needs a layout"),
+    (["run", "random", "--env", "maze", "--env-layout", "/no/such/file"], "cannot read"),
+    (["plot", "/no/such/run"], "not a run folder"),
+    (["frobnicate"], "invalid choice"),
+    (["run"], "missing AGENT"),
+])
+def test_user_errors_print_one_line_and_exit_2(tmp_path, capsys, args, message):
+    before = set(tmp_path.iterdir())
+    code = main(args + (["--out", str(tmp_path / "out")] if args[0] == "run" and len(args) > 1 else []))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1 and err.startswith("forethought: error: ")
+    assert set(tmp_path.iterdir()) == before  # nothing half-written
+
+
+def test_a_bad_maze_layout_is_a_user_error(tmp_path, capsys):
+    layout = tmp_path / "maze.txt"
+    layout.write_text("S..\n.#X\n..G\n")
+    assert main(["run", "random", "--env", "maze", "--env-layout", str(layout),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+    assert "X" in capsys.readouterr().err
+
+
+def test_a_maze_from_a_layout_file_runs(tmp_path):
+    layout = tmp_path / "maze.txt"
+    layout.write_text("S.#.\n...G\n")
+    result = run_cli("run", "random", "--env", "maze", "--env-layout", str(layout), "--episodes", "2",
+                     "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert len(read_metrics(tmp_path / "out")["return"]) == 2
+
+
+def test_list_names_systems_and_agents(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("pendulum", "cartpole", "acrobot", "dyna-maze", "random"):
+        assert name in out
+
+
+def test_help_documents_the_agent_flags(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["run", "random", "--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert "--episodes" in out and "Number of episodes" in out and "--resume" in out
+
+
+def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
+    """SIGKILL mid-run loses at most the episode in progress; the resumed run is identical."""
+    episodes = "60"
+    full = tmp_path / "full"
+    assert run_cli("run", "random", "--env", "cartpole", "--episodes", episodes, "--seed", "3",
+                   "--out", str(full)).returncode == 0
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*CLI, "run", "random", "--env", "cartpole", "--episodes", episodes,
+                                "--seed", "3", "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (killed / "metrics.csv").exists() and len((killed / "metrics.csv").read_text().splitlines()) > 5:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done_before = len(read_metrics(killed)["episode"])
+    assert 4 <= done_before < int(episodes), "the kill should land mid-run"
+
+    result = run_cli("run", "random", "--resume", str(killed))
+    assert result.returncode == 0, result.stderr
+    resumed, reference = read_metrics(killed), read_metrics(full)
+    assert resumed["episode"] == reference["episode"]
+    assert resumed["return"] == reference["return"]
+    assert resumed["env_steps"] == reference["env_steps"]
+    assert (killed / "learning_curve.png").exists()
+
+
+def test_resume_refuses_another_agents_folder(tmp_path, capsys):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"agent": "pets", "env": "pendulum", "seed": 0}))
+    assert main(["run", "random", "--resume", str(tmp_path / "r")]) == 2
+    assert "agent 'pets'" in capsys.readouterr().err
