@@ -98,8 +98,10 @@ def cmd_list() -> int:
     print("systems:")
     for name in systems.names():
         factory = systems.get_class(name)
-        doc = (factory.__doc__ or "").strip().splitlines()
-        print(f"  {name:<18} {doc[0] if doc else ''}")
+        # A system class's own docstring is Equinox's signature; its module says what it is.
+        doc = sys.modules[factory.__module__].__doc__ if isinstance(factory, type) else factory.__doc__
+        first = (doc or "").strip().split("\n\n")[0].replace("\n", " ")
+        print(f"  {name:<18} {first.split(': ')[0].split('. ')[0].rstrip('.')}")
     print("agents:")
     for name in agents.names():
         print(f"  {name:<18} {agents.summary(name)}")
