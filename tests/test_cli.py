@@ -22,7 +22,8 @@ def test_random_agent_writes_a_complete_run_folder(tmp_path):
     result = run_cli("run", "random", "--env", "pendulum", "--episodes", "3", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "checkpoint.npz", "config.json", "events.jsonl", "learning_curve.png", "metrics.csv"]
+        "checkpoint.npz", "config.json", "events.jsonl", "final_episode.gif", "learning_curve.png",
+        "metrics.csv"]
     metrics = read_metrics(out)
     assert metrics["episode"] == [0, 1, 2] and metrics["env_steps"] == [100, 200, 300]
     config = json.loads((out / "config.json").read_text())

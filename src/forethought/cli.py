@@ -154,7 +154,7 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
 
     print(f"run folder: {run.path}", file=sys.stderr)
     try:
-        module.train(config, env, jax.random.key(seed), run)
+        result = module.train(config, env, jax.random.key(seed), run)
     except KeyboardInterrupt:
         run.event("interrupted")
         print(f"interrupted; continue with: {PROG} run {options.agent} --resume {run.path}", file=sys.stderr)
@@ -164,9 +164,27 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
     from forethought.experiment.plot import learning_curves
 
     plot = learning_curves([run.path], run.path / "learning_curve.png", x="env_steps")
+    outputs = [plot.name]
+    if getattr(result, "policy", None) is not None:
+        try:
+            outputs.append(_record_final_episode(env_name, layout, result.policy, seed, run.path).name)
+        except Exception as error:  # a Gymnasium env that cannot render: the run itself is fine
+            run.event("gif_skipped", reason=f"{type(error).__name__}: {error}")
     run.event("finish")
-    print(f"done: {run.path} (plot: {plot.name})", file=sys.stderr)
+    print(f"done: {run.path} ({', '.join(outputs)})", file=sys.stderr)
     return 0
+
+
+def _record_final_episode(env_name: str, layout: str | None, policy, seed: int, path: Path) -> Path:
+    """A GIF of one episode of the trained policy; Gymnasium envs that cannot render are skipped."""
+    from forethought.experiment.video import record_episode
+    from forethought.systems import make_env
+
+    env = make_env(env_name, layout=layout, render_mode="rgb_array")
+    try:
+        return record_episode(env, policy, seed, path / "final_episode.gif")
+    finally:
+        env.close()
 
 
 def _read_layout(path: Path | None) -> str | None:

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import gymnasium
 import jax
@@ -31,6 +32,8 @@ class Config:
 class Result:
     returns: list[float]
     env_steps: int
+    policy: Callable[[np.ndarray, int], np.ndarray]
+    """`policy(observation, t) -> action`: what the agent ended with (here: random actions)."""
 
 
 def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None) -> Result:
@@ -57,4 +60,4 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
             run.save_checkpoint(state, episode=episode + 1, returns=returns)
     finally:
         run.close_progress()
-    return Result(returns, env_steps)
+    return Result(returns, env_steps, lambda obs, t: env.action_space.sample())

@@ -24,11 +24,19 @@ _META = "__meta__"
 _KEY_PREFIX = "key:"  # leaves that were typed PRNG keys, stored as their raw key data
 
 
+def _file_mode() -> int:
+    """The mode an ordinary new file gets (mkstemp's own 0600 would hide runs from other users)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` via a temporary file and a rename (never half-written)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, _file_mode())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

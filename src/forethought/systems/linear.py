@@ -183,6 +183,10 @@ class Linear(LinearSystem):
     horizon: int = eqx.field(default=50, static=True)
 
     def __post_init__(self):
+        # The sizes are checked here, not in `__check_init__`, because drawing A needs them.
+        for name, value in (("state_dim", self.state_dim), ("action_dim", self.action_dim)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ForethoughtError(f"linear: {name} must be an integer >= 1, got {value!r}")
         dtype = jnp.result_type(float)
         if self.A is None or self.B is None:
             A, B = random_matrices(self.state_dim, self.action_dim, self.seed, self.stable)
@@ -195,9 +199,6 @@ class Linear(LinearSystem):
             setattr(self, name, jnp.asarray(getattr(self, name), dtype))
 
     def __check_init__(self):
-        for name, value in (("state_dim", self.state_dim), ("action_dim", self.action_dim)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ForethoughtError(f"linear: {name} must be an integer >= 1, got {value!r}")
         n, m = self.state_dim, self.action_dim
         for name, shape in (("A", (n, n)), ("B", (n, m)), ("Q", (n, n)), ("R", (m, m)),
                             ("Qf", (n, n))):

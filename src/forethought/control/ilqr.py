@@ -1,0 +1,346 @@
+"""iLQR and DDP: seed 000, sections "iLQR" and "DDP", with the note's symbols.
+
+Around the current trajectory `(x̂_t, û_t)` each iteration
+
+1. linearizes the dynamics, `F_t = d f / d[x; u]` (`jax.jacfwd`), and quadratizes the cost,
+   `c_t = d c / d[x; u]`, `C_t = d^2 c / d[x; u]^2` (`jax.hessian`, forward over reverse);
+2. runs the LQR backward pass of `lqr.py` on the deviations `δx_t, δu_t` (with `f_t = 0`: the
+   trajectory is feasible), adding `mu I` to `Q_uu` (Levenberg-Marquardt) -> `K_t, k_t`;
+   DDP also adds the second-order dynamics term `sum_i v_{t+1,i} d^2 f_i / d[x; u]^2` to `Q_t`;
+3. rolls out the closed loop `u_t = û_t + α k_t + K_t (x_t - x̂_t)`,
+   `x_{t+1} = dynamics(x_t, u_t, t)`, halving `α` from `alpha_0` until the objective strictly
+   decreases (line search), or gives up below `alpha_min`.
+
+A step that decreases the objective is taken and `mu` is divided by `reg_factor` (set to 0 below
+`reg_min`); a non-positive-definite `Q_uu` or a failed line search multiplies it by `reg_factor`
+(at least `reg_min`) and the iteration is retried from the same trajectory.
+
+The objective is trajax's: `sum_{t<T} cost(x_t, u_t, t) + cost(x_T, 0, T)`, or with
+`terminal_cost` given, `sum_{t<T} cost(x_t, u_t, t) + terminal_cost(x_T)`.
+
+Stopping: after at most `maxiter` iterations (each one backward pass and one line search, taken
+or not), or when
+
+- the gradient norm `|dJ/dU|` (Frobenius over `[T, m]`, the total derivative of the objective
+  with respect to the controls, by the adjoint recursion on the current linearization; trajax's
+  measure, here taken at the returned `U`) is at most `grad_norm_threshold`, or
+- a step decreased the objective by at most `relative_cost_threshold * |J|`, or
+- `mu` exceeded `reg_max` (no descent step could be found; `converged` is then False unless the
+  gradient test holds).
+
+The solvers are jit-compiled whole: one `lax.while_loop` over iterations, `lax.scan` for the
+backward and forward passes, a nested `lax.while_loop` for the line search. Compilation is cached
+per `(cost, dynamics, terminal_cost)` objects, shapes, dtype, `maxiter`: pass the same function
+objects to reuse it. Arrays inside Equinox modules (a system's bound `system.cost`, a learned
+model) are traced arguments, not constants, so changing them does not recompile and a batch of
+systems can be `vmap`ped over.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from forethought.control.lqr import backward_pass
+from forethought.control.solution import Solution
+from forethought.errors import ForethoughtError
+
+
+# ----- derivatives the solvers use ---------------------------------------------------------------
+
+def _as_z(fn, n):
+    """`fn(x, u, t)` as a function of `z = [x; u]` and `t`."""
+    return lambda z, t: fn(z[:n], z[n:], t)
+
+
+def linearize(dynamics, X, U):
+    """`F_t = d dynamics(x, u, t) / d[x; u]` at `(X[t], U[t], t)`: `X [T, n]`, `U [T, m]` ->
+    `F [T, n, n+m]`."""
+    n = X.shape[1]
+    jac = jax.jacfwd(_as_z(dynamics, n))
+    return jax.vmap(jac)(jnp.concatenate([X, U], axis=1), jnp.arange(U.shape[0]))
+
+
+def linearize_second_order(dynamics, X, U):
+    """`F [T, n, n+m]` and the dynamics' second derivatives `F2 [T, n, n+m, n+m]`,
+    `F2[t, i] = d^2 dynamics_i / d[x; u]^2` at `(X[t], U[t], t)` (for DDP)."""
+    n = X.shape[1]
+    jac = jax.jacfwd(_as_z(dynamics, n))
+
+    def jac_twice(z, t):
+        J = jac(z, t)
+        return J, J
+
+    F2, F = jax.vmap(jax.jacfwd(jac_twice, has_aux=True))(
+        jnp.concatenate([X, U], axis=1), jnp.arange(U.shape[0]))
+    return F, F2
+
+
+def quadratize(cost, X, U):
+    """Cost Hessians and gradients with respect to `z = [x; u]` at `(X[t], U[t], t)`:
+    `X [T, n]`, `U [T, m]` -> `(C [T, n+m, n+m], c [T, n+m])`."""
+    n = X.shape[1]
+    grad = jax.grad(_as_z(cost, n))
+
+    def grad_twice(z, t):
+        g = grad(z, t)
+        return g, g
+
+    return jax.vmap(jax.jacfwd(grad_twice, has_aux=True))(
+        jnp.concatenate([X, U], axis=1), jnp.arange(U.shape[0]))
+
+
+def quadratize_final(final, x):
+    """Hessian `[n, n]` and gradient `[n]` of the final cost `final(x)` at `x [n]`."""
+    grad = jax.grad(final)
+
+    def grad_twice(x):
+        g = grad(x)
+        return g, g
+
+    return jax.jacfwd(grad_twice, has_aux=True)(x)
+
+
+def gradient(F, c, v_T):
+    """`dJ/dU [T, m]` by the adjoint (costate) recursion from the linearization:
+    `lambda_T = v_T`, `g_t = c_u + F_u' lambda_{t+1}`, `lambda_t = c_x + F_x' lambda_{t+1}`."""
+    n = F.shape[1]
+
+    def step(lam, inputs):
+        F_t, c_t = inputs
+        g = c_t + F_t.T @ lam
+        return g[:n], g[n:]
+
+    _, g = jax.lax.scan(step, v_T, (F, c), reverse=True)
+    return g
+
+
+def rollout(dynamics, x0, U):
+    """States `X [T+1, n]` from `x0 [n]` under the open-loop controls `U [T, m]`."""
+    def step(x, inputs):
+        u, t = inputs
+        x_next = dynamics(x, u, t)
+        return x_next, x_next
+
+    _, X = jax.lax.scan(step, x0, (U, jnp.arange(U.shape[0])))
+    return jnp.concatenate([x0[None], X])
+
+
+# ----- the solvers -------------------------------------------------------------------------------
+
+def ilqr(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
+         grad_norm_threshold: float = 1e-4, relative_cost_threshold: float = 0.0,
+         alpha_0: float = 1.0, alpha_min: float = 5e-5, alpha_shrink: float = 0.5,
+         reg_init: float = 0.0, reg_min: float = 1e-6, reg_max: float = 1e10,
+         reg_factor: float = 10.0) -> Solution:
+    """Iterative LQR (seed 000, "iLQR"); the algorithm and stopping rules are in the module
+    docstring.
+
+    Args:
+      cost: `cost(x, u, t) -> scalar`, twice differentiable.
+      dynamics: `dynamics(x, u, t) -> x_next [n]`, differentiable.
+      x0: `[n]` initial state.
+      U0: `[T, m]` initial controls.
+      terminal_cost: optional `terminal_cost(x) -> scalar`, replacing trajax's `cost(x_T, 0, T)`.
+      maxiter: most iterations (static: sets the length of `history`).
+      grad_norm_threshold: stop when `|dJ/dU| <= grad_norm_threshold`.
+      relative_cost_threshold: stop when a step lowers the objective by at most this times `|J|`
+        (0 turns the test off, as trajax's default `obj_step_threshold`).
+      alpha_0, alpha_min, alpha_shrink: line search: first step, smallest step, shrink factor.
+      reg_init, reg_min, reg_max, reg_factor: Levenberg-Marquardt `mu` on `Q_uu`: start, floor
+        (below it `mu` drops to 0), ceiling (stop), factor.
+
+    Returns:
+      `Solution` with `x [T+1, n]`, `u [T, m]`, `cost` (objective), `iterations`, `converged`
+      (a stopping test other than `maxiter` / `reg_max` held), `history [maxiter]` (objective
+      after each iteration, the last value repeated after the end), and the LQR gains about the
+      returned trajectory, in deviation form as in the note: `δu_t = K_t δx_t + k_t`
+      (`K [T, m, n]`, `k [T, m]`; `k ~ 0` at convergence), i.e. the feedback controller
+      `u_t = u[t] + K_t (x_t - x[t])`.
+    """
+    return _dispatch(cost, dynamics, x0, U0, terminal_cost, maxiter, False, locals())
+
+
+def ddp(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
+        grad_norm_threshold: float = 1e-4, relative_cost_threshold: float = 0.0,
+        alpha_0: float = 1.0, alpha_min: float = 5e-5, alpha_shrink: float = 0.5,
+        reg_init: float = 0.0, reg_min: float = 1e-6, reg_max: float = 1e10,
+        reg_factor: float = 10.0) -> Solution:
+    """Differential dynamic programming (seed 000, "DDP"): `ilqr` with the second-order
+    dynamics term in the backward pass, `Q_t += sum_i v_{t+1,i} F2_t[i]` (`F2` from
+    `linearize_second_order`). Near the optimum it converges like Newton's method on the
+    objective over `U`; an indefinite `Q_uu` far from it raises `mu`. Arguments and result as
+    `ilqr`."""
+    return _dispatch(cost, dynamics, x0, U0, terminal_cost, maxiter, True, locals())
+
+
+_SETTINGS = ("grad_norm_threshold", "relative_cost_threshold", "alpha_0", "alpha_min",
+             "alpha_shrink", "reg_init", "reg_min", "reg_max", "reg_factor")
+
+
+def _dispatch(cost, dynamics, x0, U0, terminal_cost, maxiter, second_order, arguments):
+    where = "ddp" if second_order else "ilqr"
+    for name, fn in (("cost", cost), ("dynamics", dynamics)):
+        if not callable(fn):
+            raise ForethoughtError(f"{where}: {name} must be a function (x, u, t), got {fn!r}")
+    if terminal_cost is not None and not callable(terminal_cost):
+        raise ForethoughtError(f"{where}: terminal_cost must be a function x -> scalar or None, "
+                               f"got {terminal_cost!r}")
+    if np.ndim(x0) != 1:
+        raise ForethoughtError(f"{where}: x0 must have shape (n,), got {np.shape(x0)}")
+    if np.ndim(U0) != 2 or np.shape(U0)[0] < 1:
+        raise ForethoughtError(f"{where}: U0 must have shape (T, m) with T >= 1, "
+                               f"got {np.shape(U0)}")
+    if int(maxiter) < 1:
+        raise ForethoughtError(f"{where}: maxiter must be >= 1, got {maxiter}")
+    settings = {name: arguments[name] for name in _SETTINGS}
+    # Arrays inside the functions (Equinox modules) are traced; the rest is the static jit key.
+    fns_arrays, fns_static = eqx.partition((cost, dynamics, terminal_cost), eqx.is_array)
+    return _solve(fns_arrays, x0, U0, settings, fns_static=fns_static, maxiter=int(maxiter),
+                  second_order=second_order)
+
+
+class _Linearization(NamedTuple):
+    F: jax.Array        # [T, n, n+m]
+    F2: jax.Array | None  # [T, n, n+m, n+m] (DDP) or None
+    C: jax.Array        # [T, n+m, n+m]
+    c: jax.Array        # [T, n+m]
+    V_T: jax.Array      # [n, n]
+    v_T: jax.Array      # [n]
+
+
+class _State(NamedTuple):
+    X: jax.Array
+    U: jax.Array
+    J: jax.Array
+    lin: _Linearization
+    grad_norm: jax.Array
+    mu: jax.Array
+    iteration: jax.Array
+    converged: jax.Array
+    done: jax.Array
+    history: jax.Array
+
+
+@partial(jax.jit, static_argnames=("fns_static", "maxiter", "second_order"))
+def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
+    user_cost, user_dynamics, terminal_cost = eqx.combine(fns_arrays, fns_static)
+    dtype = jnp.result_type(x0, U0, 1.0)
+    x0 = jnp.asarray(x0, dtype)
+    U0 = jnp.asarray(U0, dtype)
+    T, m = U0.shape
+    n = x0.shape[0]
+    _check_functions(user_cost, user_dynamics, terminal_cost, x0, U0,
+                     "ddp" if second_order else "ilqr")
+
+    # Keep the loop in the solver's dtype whatever constants the functions carry.
+    def cost(x, u, t):
+        return jnp.asarray(user_cost(x, u, t), dtype)
+
+    def dynamics(x, u, t):
+        return jnp.asarray(user_dynamics(x, u, t), dtype)
+
+    s = {name: jnp.asarray(value, dtype) for name, value in settings.items()}
+    steps = jnp.arange(T)
+
+    if terminal_cost is None:
+        def final(x):
+            return cost(x, jnp.zeros((m,), dtype), T)
+    else:
+        def final(x):
+            return jnp.asarray(terminal_cost(x), dtype)
+
+    def relinearize(X, U):
+        if second_order:
+            F, F2 = linearize_second_order(dynamics, X[:-1], U)
+        else:
+            F, F2 = linearize(dynamics, X[:-1], U), None
+        C, c = quadratize(cost, X[:-1], U)
+        V_T, v_T = quadratize_final(final, X[-1])
+        lin = _Linearization(F=F, F2=F2, C=C, c=c, V_T=V_T, v_T=v_T)
+        return lin, jnp.linalg.norm(gradient(F, c, v_T))
+
+    def forward(X, U, K, k, alpha):
+        """Closed-loop rollout `u_t = û_t + α k_t + K_t (x_t - x̂_t)` and its objective."""
+        def step(x, inputs):
+            x_hat, u_hat, K_t, k_t, t = inputs
+            u = u_hat + alpha * k_t + K_t @ (x - x_hat)
+            return dynamics(x, u, t), (x, u, cost(x, u, t))
+
+        x_T, (X_new, U_new, costs) = jax.lax.scan(step, x0, (X[:-1], U, K, k, steps))
+        return jnp.concatenate([X_new, x_T[None]]), U_new, costs.sum() + final(x_T)
+
+    def line_search(X, U, J, K, k, ok):
+        def searching(carry):
+            alpha, *_, accepted = carry
+            return ok & ~accepted & (alpha >= s["alpha_min"])
+
+        def attempt(carry):
+            alpha = carry[0]
+            X_new, U_new, J_new = forward(X, U, K, k, alpha)
+            accepted = J_new < J  # False for NaN
+            return (jnp.where(accepted, alpha, alpha * s["alpha_shrink"]), X_new, U_new, J_new,
+                    accepted)
+
+        init = (s["alpha_0"], X, U, J, jnp.zeros((), bool))
+        _, X_new, U_new, J_new, accepted = jax.lax.while_loop(searching, attempt, init)
+        return (jnp.where(accepted, X_new, X), jnp.where(accepted, U_new, U),
+                jnp.where(accepted, J_new, J), accepted)
+
+    def backward(lin, mu):
+        return backward_pass(lin.F, jnp.zeros((T, n), dtype), lin.C, lin.c, lin.V_T, lin.v_T,
+                             mu=mu, F2=lin.F2)
+
+    def iteration(state):
+        back = backward(state.lin, state.mu)
+        X, U, J, accepted = line_search(state.X, state.U, state.J, back.K, back.k, back.ok)
+        lin, grad_norm = jax.lax.cond(accepted, relinearize, lambda X, U: (state.lin,
+                                                                           state.grad_norm), X, U)
+        decrease = (state.J - J) / jnp.maximum(jnp.abs(state.J), jnp.finfo(dtype).tiny)
+        mu_down = state.mu / s["reg_factor"]
+        mu = jnp.where(accepted, jnp.where(mu_down < s["reg_min"], 0.0, mu_down),
+                       jnp.maximum(state.mu * s["reg_factor"], s["reg_min"]))
+        converged = ((grad_norm <= s["grad_norm_threshold"])
+                     | (accepted & (decrease <= s["relative_cost_threshold"])))
+        return _State(X=X, U=U, J=J, lin=lin, grad_norm=grad_norm, mu=mu,
+                      iteration=state.iteration + 1, converged=converged,
+                      done=converged | (mu > s["reg_max"]),
+                      history=state.history.at[state.iteration].set(J))
+
+    X0 = rollout(dynamics, x0, U0)
+    lin0, grad_norm0 = relinearize(X0, U0)
+    J0 = jax.vmap(cost)(X0[:-1], U0, steps).sum() + final(X0[-1])
+    converged0 = grad_norm0 <= s["grad_norm_threshold"]
+    init = _State(X=X0, U=U0, J=J0, lin=lin0, grad_norm=grad_norm0, mu=s["reg_init"],
+                  iteration=jnp.zeros((), jnp.int32), converged=converged0, done=converged0,
+                  history=jnp.zeros((maxiter,), dtype))
+    out = jax.lax.while_loop(lambda st: ~st.done & (st.iteration < maxiter), iteration, init)
+
+    # The gains about the returned trajectory (the last loop's were about the previous one).
+    back = backward(out.lin, out.mu)
+    history = jnp.where(jnp.arange(maxiter) < out.iteration, out.history, out.J)
+    return Solution(x=out.X, u=out.U, cost=out.J, iterations=out.iteration,
+                    converged=out.converged, K=back.K, k=back.k, history=history)
+
+
+def _check_functions(cost, dynamics, terminal_cost, x0, U0, where):
+    """At trace time: the functions take and return what the contract says."""
+    t = jnp.zeros((), jnp.int32)
+    x_next = jax.eval_shape(dynamics, x0, U0[0], t)
+    if getattr(x_next, "shape", None) != x0.shape:
+        raise ForethoughtError(f"{where}: dynamics(x, u, t) must return shape {x0.shape} "
+                               f"like x0, got {getattr(x_next, 'shape', type(x_next))}")
+    c = jax.eval_shape(cost, x0, U0[0], t)
+    if getattr(c, "shape", None) != ():
+        raise ForethoughtError(f"{where}: cost(x, u, t) must return a scalar, "
+                               f"got shape {getattr(c, 'shape', type(c))}")
+    if terminal_cost is not None:
+        c = jax.eval_shape(terminal_cost, x0)
+        if getattr(c, "shape", None) != ():
+            raise ForethoughtError(f"{where}: terminal_cost(x) must return a scalar, "
+                                   f"got shape {getattr(c, 'shape', type(c))}")
