@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from forethought import _io
 from forethought.errors import ForethoughtError
 from forethought.experiment import checkpoint
 
@@ -29,7 +30,7 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint.os, "fsync", boom)
+    monkeypatch.setattr(_io.os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(path, {"a": np.zeros(3)}, {"n": 2})
     _, meta = checkpoint.load(path, {"a": np.ones(3)})

@@ -64,7 +64,8 @@ def test_cost_is_zero_at_the_goal_and_not_wrapped():
     assert float(acrobot.terminal_cost(goal)) == pytest.approx(0.0, abs=1e-6)
     assert float(acrobot.cost(goal, jnp.array([2.0]))) == pytest.approx(0.5 * 0.01 * 4.0, rel=1e-6)
     other_side = jnp.array([-np.pi, 0.0, 0.0, 0.0])
-    assert float(acrobot.terminal_cost(other_side)) == pytest.approx(0.5 * 1000 * (2 * np.pi) ** 2, rel=1e-5)
+    expected = 0.5 * 1000 * (2 * np.pi) ** 2
+    assert float(acrobot.terminal_cost(other_side)) == pytest.approx(expected, rel=1e-5)
 
 
 def test_start_and_bounds():

@@ -46,7 +46,8 @@ def test_rod_accelerations_are_pilcos(seed):
     (_, th, xd, thd), f = random_state_and_force(seed)
     M, m, l, b, g = 0.7, 0.3, 0.5, 0.2, 9.82
     s, c = np.sin(th), np.cos(th)
-    x_dd = (2 * m * l * thd**2 * s + 3 * m * g * s * c + 4 * f - 4 * b * xd) / (4 * (M + m) - 3 * m * c**2)
+    x_dd = ((2 * m * l * thd**2 * s + 3 * m * g * s * c + 4 * f - 4 * b * xd)
+            / (4 * (M + m) - 3 * m * c**2))
     th_dd = ((-3 * m * l * thd**2 * s * c - 6 * (M + m) * g * s - 6 * (f - b * xd) * c)
              / (4 * l * (m + M) - 3 * m * l * c**2))
     x = jnp.asarray(random_state_and_force(seed)[0], jnp.float32)

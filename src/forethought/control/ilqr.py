@@ -134,7 +134,7 @@ def rollout(dynamics, x0, U):
 # ----- the solvers -------------------------------------------------------------------------------
 
 def ilqr(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
-         grad_norm_threshold: float = 1e-4, relative_cost_threshold: float = 0.0,
+         grad_norm_threshold: float = 1e-4, relative_cost_threshold: float | None = None,
          alpha_0: float = 1.0, alpha_min: float = 5e-5, alpha_shrink: float = 0.5,
          reg_init: float = 0.0, reg_min: float = 1e-6, reg_max: float = 1e10,
          reg_factor: float = 10.0) -> Solution:
@@ -149,8 +149,10 @@ def ilqr(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
       terminal_cost: optional `terminal_cost(x) -> scalar`, replacing trajax's `cost(x_T, 0, T)`.
       maxiter: most iterations (static: sets the length of `history`).
       grad_norm_threshold: stop when `|dJ/dU| <= grad_norm_threshold`.
-      relative_cost_threshold: stop when a step lowers the objective by at most this times `|J|`
-        (0 turns the test off, as trajax's default `obj_step_threshold`).
+      relative_cost_threshold: stop when a step lowers the objective by at most this times `|J|`;
+        None means 10 machine epsilons of the dtype (the objective no longer changes beyond
+        rounding, which in float32 comes before the gradient test); 0 turns the test off, as
+        trajax's default `obj_step_threshold`.
       alpha_0, alpha_min, alpha_shrink: line search: first step, smallest step, shrink factor.
       reg_init, reg_min, reg_max, reg_factor: Levenberg-Marquardt `mu` on `Q_uu`: start, floor
         (below it `mu` drops to 0), ceiling (stop), factor.
@@ -167,7 +169,7 @@ def ilqr(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
 
 
 def ddp(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
-        grad_norm_threshold: float = 1e-4, relative_cost_threshold: float = 0.0,
+        grad_norm_threshold: float = 1e-4, relative_cost_threshold: float | None = None,
         alpha_0: float = 1.0, alpha_min: float = 5e-5, alpha_shrink: float = 0.5,
         reg_init: float = 0.0, reg_min: float = 1e-6, reg_max: float = 1e10,
         reg_factor: float = 10.0) -> Solution:
@@ -245,6 +247,8 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
     def dynamics(x, u, t):
         return jnp.asarray(user_dynamics(x, u, t), dtype)
 
+    if settings["relative_cost_threshold"] is None:
+        settings = {**settings, "relative_cost_threshold": 10 * jnp.finfo(dtype).eps}
     s = {name: jnp.asarray(value, dtype) for name, value in settings.items()}
     steps = jnp.arange(T)
 
@@ -293,8 +297,14 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
                 jnp.where(accepted, J_new, J), accepted)
 
     def backward(lin, mu):
-        return backward_pass(lin.F, jnp.zeros((T, n), dtype), lin.C, lin.c, lin.V_T, lin.v_T,
-                             mu=mu, F2=lin.F2)
+        zeros = jnp.zeros((T, n), dtype)
+        back = backward_pass(lin.F, zeros, lin.C, lin.c, lin.V_T, lin.v_T, mu=mu, F2=lin.F2)
+        if second_order:
+            # Far from a minimum the second-order term can make Q_uu indefinite for any small mu;
+            # then take this iteration's Gauss-Newton (iLQR) step instead of a tiny damped one.
+            back = jax.lax.cond(back.ok, lambda: back, lambda: backward_pass(
+                lin.F, zeros, lin.C, lin.c, lin.V_T, lin.v_T, mu=mu))
+        return back
 
     def iteration(state):
         back = backward(state.lin, state.mu)

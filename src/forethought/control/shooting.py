@@ -91,6 +91,34 @@ def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None) ->
     return jax.vmap(objective)(U_batch, keys)
 
 
+def colored_noise(key, shape, beta, dtype=None) -> jax.Array:
+    """Standard Gaussian noise of `shape = (..., T, m)` whose power spectrum along the time axis
+    `T` falls as `1 / f**beta` (iCEM, Pinneri et al. 2020): `beta = 0` is white noise, `beta = 2`
+    a random-walk-like signal whose samples flip whole stretches of a plan at once, which lets a
+    warm-started planner leave a plan it has locked onto. Each entry has unit variance.
+    """
+    dtype = dtype or jnp.result_type(float)
+    if beta == 0:
+        return jax.random.normal(key, shape, dtype)
+    T = shape[-2]
+    f = jnp.fft.rfftfreq(T)
+    # Frequencies below 1/T are not resolvable over the horizon; clamp them (as iCEM does).
+    scale = (jnp.maximum(f, 1.0 / T) ** (-beta / 2))[:, None]
+    spectrum_shape = shape[:-2] + (f.shape[0], shape[-1])
+    k_re, k_im = jax.random.split(key)
+    re = jax.random.normal(k_re, spectrum_shape) * scale
+    im = jax.random.normal(k_im, spectrum_shape) * scale
+    # The DC term, and the Nyquist term for even T, are real; each other term enters the signal
+    # twice (as itself and its conjugate), so Var(x_t) = (s_0^2 + 4 sum s_k^2 + s_nyq^2) / T^2.
+    real_only = jnp.zeros(f.shape[0], bool).at[0].set(True)
+    if T % 2 == 0:
+        real_only = real_only.at[-1].set(True)
+    im = jnp.where(real_only[:, None], 0, im)
+    variance = jnp.sum(jnp.where(real_only, 1.0, 4.0) * scale[:, 0] ** 2) / T**2
+    signal = jnp.fft.irfft(re + 1j * im, n=T, axis=-2)
+    return (signal / jnp.sqrt(variance)).astype(dtype)
+
+
 def _rank_costs(costs):
     """NaN (a diverged rollout) ranks last instead of poisoning the refit."""
     return jnp.where(jnp.isnan(costs), jnp.inf, costs)
@@ -98,7 +126,8 @@ def _rank_costs(costs):
 
 # ----- the three searches over an `evaluate` ------------------------------------------------
 
-def shooting_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, init_std=None):
+def shooting_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, init_std=None,
+                    noise_beta=0.0):
     """Random shooting: `population - 1` random plans plus `clip(U0)`; keep the cheapest.
 
     Candidates are uniform in `[lower, upper]` when `init_std` is None, else `U0 + init_std *
@@ -109,7 +138,8 @@ def shooting_search(evaluate: Evaluate, U0, key, lower, upper, *, population: in
     if init_std is None:
         samples = jax.random.uniform(key, shape, U0.dtype, lower, upper)
     else:
-        samples = jnp.clip(U0 + init_std * jax.random.normal(key, shape, U0.dtype), lower, upper)
+        samples = jnp.clip(U0 + init_std * colored_noise(key, shape, noise_beta, U0.dtype),
+                           lower, upper)
     candidates = jnp.concatenate([jnp.clip(U0, lower, upper)[None], samples])
     costs = _rank_costs(evaluate(candidates, jax.random.fold_in(key, 1)))
     best = jnp.argmin(costs)
@@ -117,7 +147,7 @@ def shooting_search(evaluate: Evaluate, U0, key, lower, upper, *, population: in
 
 
 def cem_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, elites: int,
-               iterations: int, alpha, init_std):
+               iterations: int, alpha, init_std, noise_beta=0.0):
     """CEM over a diagonal Gaussian `N(mu, sigma^2)` on plans `[T, m]`, starting at `mu = U0`.
 
     Each iteration samples `population` plans, clips them to the bounds, picks the `elites`
@@ -125,7 +155,7 @@ def cem_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, el
     (likewise `sigma`). Returns `(mean of the last iteration's elites [T, m], history
     [iterations])`, where `history[i]` is the mean elite cost of iteration `i`.
     """
-    noise = jax.random.normal(key, (iterations, population) + U0.shape, U0.dtype)
+    noise = colored_noise(key, (iterations, population) + U0.shape, noise_beta, U0.dtype)
     eval_keys = jax.random.split(jax.random.fold_in(key, 1), iterations)
     sigma0 = jnp.broadcast_to(jnp.asarray(init_std, U0.dtype), U0.shape)
 
@@ -147,7 +177,7 @@ def cem_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, el
 
 
 def mppi_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, iterations: int,
-                lambda_, noise_std):
+                lambda_, noise_std, noise_beta=0.0):
     """MPPI: sample `U0 + noise_std * N(0, 1)` (clipped), weight each plan by
     `exp(-(J_i - min J) / lambda_)` and move the mean to the weighted mean; repeat.
 
@@ -156,12 +186,13 @@ def mppi_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, i
     folded into the action cost). Returns `(U [T, m], history [iterations])`, where
     `history[i]` is the softmax-weighted cost of iteration `i`.
     """
-    noise = jax.random.normal(key, (iterations, population - 1) + U0.shape, U0.dtype)
+    noise = noise_std * colored_noise(key, (iterations, population - 1) + U0.shape, noise_beta,
+                                      U0.dtype)
     eval_keys = jax.random.split(jax.random.fold_in(key, 1), iterations)
 
     def iteration(mu, inputs):
         eps, eval_key = inputs
-        samples = jnp.concatenate([mu[None], jnp.clip(mu + noise_std * eps, lower, upper)])
+        samples = jnp.concatenate([mu[None], jnp.clip(mu + eps, lower, upper)])
         costs = _rank_costs(evaluate(samples, eval_key))
         weights = jax.nn.softmax(-(costs - costs.min()) / lambda_)
         mu = jnp.einsum("i,itm->tm", weights, samples)
@@ -174,7 +205,7 @@ def mppi_search(evaluate: Evaluate, U0, key, lower, upper, *, population: int, i
 # ----- the planners -------------------------------------------------------------------------
 
 def random_shooting(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None,
-                    population: int = 1000, init_std=None) -> Solution:
+                    population: int = 1000, init_std=None, noise_beta: float = 0.0) -> Solution:
     """Random shooting (seed 000): evaluate `population` plans, return the cheapest.
 
     Args:
@@ -182,7 +213,8 @@ def random_shooting(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=
         docstring. `U0` (clipped to the bounds) is always one of the candidates.
       population: plans evaluated, `U0` included.
       init_std: None samples uniformly in `[lower, upper]` (bounds must be finite); a scalar,
-        `[m]` or `[T, m]` samples `U0 + init_std * N(0, 1)` clipped to the bounds.
+        `[m]` or `[T, m]` samples `U0 + init_std * noise` clipped to the bounds.
+      noise_beta: colour of that Gaussian noise along time (see `colored_noise`; 0 is white).
 
     Returns:
       `Solution` with the best plan `u`, its states `x`, its objective `cost`, `iterations = 1`,
@@ -191,13 +223,13 @@ def random_shooting(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=
     lower, upper = _check("random_shooting", x0, U0, lower, upper, init_std,
                           need_finite=init_std is None)
     _check_int("random_shooting", "population", population, minimum=2)
-    return _random_shooting(cost, dynamics, x0, U0, key, lower, upper, terminal_cost,
-                            population, init_std)
+    knobs = dict(population=population, init_std=init_std, noise_beta=noise_beta)
+    return _plan(shooting_search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs)
 
 
 def cem(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, population: int = 500,
-        elite_fraction: float = 0.1, iterations: int = 5, alpha: float = 0.1,
-        init_std=None) -> Solution:
+        elite_fraction: float = 0.1, iterations: int = 5, alpha: float = 0.1, init_std=None,
+        noise_beta: float = 0.0) -> Solution:
     """Cross-entropy method (seed 000; seed 002 section 5.1): sample, evaluate, refit to elites.
 
     Args:
@@ -209,6 +241,9 @@ def cem(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, popula
       alpha: smoothing, the weight of the previous mean and std in each refit (0: no smoothing).
       init_std: initial standard deviation, scalar, `[m]` or `[T, m]`; None means
         `(upper - lower) / 4` (bounds must then be finite).
+      noise_beta: colour of the sampling noise along time (see `colored_noise`): 0 is the
+        classic white-noise CEM, about 2 is iCEM's choice, which a warm-started MPC needs on
+        swing-ups to switch the direction of a whole stretch of its plan.
 
     Returns:
       `Solution` whose `u` is the mean of the final iteration's elites (inside the bounds, since
@@ -222,13 +257,15 @@ def cem(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, popula
         raise ForethoughtError(f"cem: elite_fraction must be in (0, 1], got {elite_fraction}")
     if isinstance(alpha, (int, float)) and not 0 <= alpha < 1:
         raise ForethoughtError(f"cem: alpha must be in [0, 1), got {alpha}")
-    elites = max(1, int(round(population * elite_fraction)))
-    return _cem(cost, dynamics, x0, U0, key, lower, upper, terminal_cost, population, elites,
-                iterations, alpha, init_std)
+    knobs = dict(population=population, elites=max(1, int(round(population * elite_fraction))),
+                 iterations=iterations, alpha=alpha, noise_beta=noise_beta,
+                 init_std=_default_std(init_std, lower, upper))
+    return _plan(cem_search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs)
 
 
 def mppi(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, population: int = 500,
-         iterations: int = 1, lambda_: float = 1.0, noise_std=None) -> Solution:
+         iterations: int = 1, lambda_: float = 1.0, noise_std=None,
+         noise_beta: float = 0.0) -> Solution:
     """Model predictive path integral control: a softmax-weighted average of sampled plans.
 
     Args:
@@ -240,6 +277,7 @@ def mppi(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, popul
         averages everything (-> the mean).
       noise_std: sampling standard deviation, scalar, `[m]` or `[T, m]`; None means
         `(upper - lower) / 4` (bounds must then be finite).
+      noise_beta: colour of the sampling noise along time (see `colored_noise`; 0 is white).
 
     Returns:
       `Solution` with the weighted mean plan `u`, its rollout `x` and objective `cost`,
@@ -251,57 +289,30 @@ def mppi(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, popul
     _check_int("mppi", "iterations", iterations, minimum=1)
     if isinstance(lambda_, (int, float)) and not lambda_ > 0:
         raise ForethoughtError(f"mppi: lambda_ must be > 0, got {lambda_}")
-    return _mppi(cost, dynamics, x0, U0, key, lower, upper, terminal_cost, population,
-                 iterations, lambda_, noise_std)
+    knobs = dict(population=population, iterations=iterations, lambda_=lambda_,
+                 noise_beta=noise_beta, noise_std=_default_std(noise_std, lower, upper))
+    return _plan(mppi_search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs)
 
 
-# The jitted bodies. `eqx.filter_jit` traces every array (also those inside `cost` and
-# `dynamics`, e.g. a system's or a model's parameters) and keeps Python values static, so a new
-# model or system of the same shape reuses the compiled program.
+@eqx.filter_jit
+def _plan(search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs) -> Solution:
+    """Run `search` on the rollout objective and wrap its plan in a `Solution`.
 
-def _evaluator(cost, dynamics, x0, terminal_cost) -> Evaluate:
-    return lambda U_batch, key: rollout_costs(cost, dynamics, x0, U_batch, terminal_cost)
-
-
-def _solution(cost, dynamics, x0, U, terminal_cost, history) -> Solution:
+    `eqx.filter_jit` traces every array (also those inside `cost` and `dynamics`, such as a
+    system's or a model's parameters) and keeps Python values static, so a new model or system
+    with the same shapes reuses the compiled program.
+    """
+    evaluate = lambda U_batch, key: rollout_costs(cost, dynamics, x0, U_batch, terminal_cost)  # noqa: E731
+    U, history = search(evaluate, U0, key, lower, upper, **knobs)
     X = rollout(dynamics, x0, U)
     return Solution(x=X, u=U, cost=trajax_objective(cost, X, U, terminal_cost),
                     iterations=jnp.asarray(history.shape[0], jnp.int32),
                     converged=jnp.zeros((), bool), history=history)
 
 
-@eqx.filter_jit
-def _random_shooting(cost, dynamics, x0, U0, key, lower, upper, terminal_cost, population,
-                     init_std):
-    evaluate = _evaluator(cost, dynamics, x0, terminal_cost)
-    U, history = shooting_search(evaluate, U0, key, lower, upper, population=population,
-                                 init_std=init_std)
-    return _solution(cost, dynamics, x0, U, terminal_cost, history)
-
-
-@eqx.filter_jit
-def _cem(cost, dynamics, x0, U0, key, lower, upper, terminal_cost, population, elites,
-         iterations, alpha, init_std):
-    if init_std is None:
-        init_std = (upper - lower) / 4
-    evaluate = _evaluator(cost, dynamics, x0, terminal_cost)
-    U, history = cem_search(evaluate, U0, key, lower, upper,
-                            population=population, elites=elites, iterations=iterations,
-                            alpha=alpha, init_std=init_std)
-    return _solution(cost, dynamics, x0, U, terminal_cost, history)
-
-
-@eqx.filter_jit
-def _mppi(cost, dynamics, x0, U0, key, lower, upper, terminal_cost, population, iterations,
-          lambda_, noise_std):
-    if noise_std is None:
-        noise_std = (upper - lower) / 4
-    noise_std = jnp.broadcast_to(jnp.asarray(noise_std, U0.dtype), U0.shape)
-    evaluate = _evaluator(cost, dynamics, x0, terminal_cost)
-    U, history = mppi_search(evaluate, U0, key, lower, upper,
-                             population=population, iterations=iterations, lambda_=lambda_,
-                             noise_std=noise_std)
-    return _solution(cost, dynamics, x0, U, terminal_cost, history)
+def _default_std(std, lower, upper):
+    """A quarter of the action range (mbrl-lib's CEM default) unless given."""
+    return (upper - lower) / 4 if std is None else jnp.asarray(std, lower.dtype)
 
 
 # ----- argument checks (at the boundary, before tracing) ------------------------------------

@@ -9,8 +9,6 @@ renamed over the old one, so a kill mid-write leaves the previous checkpoint int
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -18,38 +16,11 @@ from typing import Any
 import jax
 import numpy as np
 
+from forethought._io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from forethought.errors import ForethoughtError
 
 _META = "__meta__"
 _KEY_PREFIX = "key:"  # leaves that were typed PRNG keys, stored as their raw key data
-
-
-def _file_mode() -> int:
-    """The mode an ordinary new file gets (mkstemp's own 0600 would hide runs from other users)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file and a rename (never half-written)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, _file_mode())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def _is_array(leaf: Any) -> bool:

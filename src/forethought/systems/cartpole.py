@@ -142,7 +142,8 @@ class CartPole(ContinuousSystem):
     def _cost(self, x, u, t):
         if self.cost_kind == "saturating":
             return self._state_cost(x) + 0.5 * self.saturating_action_weight * jnp.sum(u * u)
-        return quadratic(self.error(x), self.state_weights) + 0.5 * self.action_weight * jnp.sum(u * u)
+        action = 0.5 * self.action_weight * jnp.sum(u * u)
+        return quadratic(self.error(x), self.state_weights) + action
 
     def _terminal_cost(self, x):
         if self.cost_kind == "saturating":
