@@ -52,8 +52,7 @@ def test_rollout_matches_matrix_powers(name):
 
 @pytest.mark.parametrize("stable, radius", [(True, 0.9), (False, 1.1)])
 @pytest.mark.parametrize("n, m, seed", [(4, 2, 0), (3, 1, 1), (6, 2, 2)])
-def test_random_systems_have_the_spectral_radius_asked_and_are_controllable(stable, radius, n, m,
-                                                                           seed):
+def test_random_draws_have_the_radius_asked_and_are_controllable(stable, radius, n, m, seed):
     system = systems.make("linear", state_dim=n, action_dim=m, seed=seed, stable=stable)
     A, B = np.asarray(system.A, np.float64), np.asarray(system.B, np.float64)
     assert A.shape == (n, n) and B.shape == (n, m)

@@ -113,7 +113,8 @@ class Acrobot(ContinuousSystem):
 
     def _cost(self, x, u, t):
         delta = x - self.goal.astype(x.dtype)
-        return 0.5 * (self.state_weight * jnp.dot(delta, delta) + self.action_weight * jnp.dot(u, u))
+        state = 0.5 * self.state_weight * jnp.dot(delta, delta)
+        return state + 0.5 * self.action_weight * jnp.dot(u, u)
 
     def _terminal_cost(self, x):
         delta = x - self.goal.astype(x.dtype)

@@ -111,7 +111,8 @@ class System(eqx.Module):
         return stage.sum() + self._terminal_cost(X[-1])
 
     def params(self) -> dict[str, float]:
-        """The physical parameters (non-static float fields) and their values."""
+        """The non-static fields but `dt` (physical parameters, cost weights, matrices) by name;
+        `randomize` keeps the scalar ones."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                 if not f.metadata.get("static", False) and f.name not in ("dt",)}
 

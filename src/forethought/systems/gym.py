@@ -56,7 +56,9 @@ class SystemEnv(gymnasium.Env):
         self.system = system
         self.render_mode = render_mode
         self.render_size = render_size
-        self.metadata = {**self.metadata, "render_fps": int(round(1.0 / float(system.dt)))}
+        # Real time where that is watchable; discrete-time maps (dt = 1) play at 10 frames/s.
+        fps = min(max(int(round(1.0 / float(system.dt))), 10), 50)
+        self.metadata = {**self.metadata, "render_fps": fps}
         n = system.state_dim
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (n,), np.float32)
         self.action_space = gymnasium.spaces.Box(

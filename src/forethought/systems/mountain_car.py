@@ -94,6 +94,7 @@ class MountainCar(System):
         return jnp.stack([position, jnp.zeros((), dtype)])
 
     def height(self, position):
+        """Height of the hill at `position` (NumPy, for drawing)."""
         return 0.45 * np.sin(3 * position) + 0.55
 
     def render(self, x, size: int = 256) -> np.ndarray:
