@@ -70,6 +70,8 @@ import numpy as np
 from forethought.control.solution import Solution, trajax_objective
 from forethought.errors import ForethoughtError
 
+_DEBUG = False
+
 
 def defects(dynamics, x, u) -> jax.Array:
     """The collocation constraints `d_t = x_{t+1} - dynamics(x_t, u_t, t)`, `[T, n]`, of a
@@ -194,30 +196,90 @@ def solve_block_tridiagonal(D, E, r, mu):
     return delta, jnp.all(jnp.isfinite(L))
 
 
-class _Model(NamedTuple):
-    """`L` and its gradient and Hessian blocks over the stage variables `s_t = (u_t, x_{t+1})`."""
-    value: jax.Array   # scalar
-    g: jax.Array       # [T, m+n]
-    D: jax.Array       # [T, m+n, m+n]
-    E: jax.Array       # [T, m+n, m+n]
+def augmented_lagrangian(cost, dynamics, final, x, u, lam, rho):
+    """`L = J + sum_t lam_t' d_t + rho/2 sum_t |d_t|^2` of `x [T+1, n]`, `u [T, m]` with
+    multipliers `lam [T, n]`, penalty `rho` and final cost `final(x_T)`."""
+    d = defects(dynamics, x, u)
+    stage = jax.vmap(cost)(x[:-1], u, jnp.arange(u.shape[0])).sum()
+    return stage + final(x[-1]) + jnp.sum(lam * d) + 0.5 * rho * jnp.sum(d * d)
+
+
+class NewtonModel(NamedTuple):
+    """The quadratic model of `L` over the stage variables `s_t = (u_t, x_{t+1})` (`k = m+n`).
+
+    Attributes:
+      value: `L`, scalar.
+      g: `grad L`, `[T, k]`.
+      D: diagonal Hessian blocks `[T, k, k]`; E: off-diagonal blocks `[T, k, k]`, `E_t`
+        coupling `s_{t-1}` (rows) and `s_t` (columns), nonzero only in the rows of `x_t`.
+      d: the defects `[T, n]`.
+      A: `A_t = d d_t / d w_t`, `[T, n, 2n+m]`, `w_t = (x_t, u_t, x_{t+1})`.
+    """
+
+    value: jax.Array
+    g: jax.Array
+    D: jax.Array
+    E: jax.Array
+    d: jax.Array
+    A: jax.Array
+
+
+def newton_model(cost, dynamics, final, x, u, lam, y, rho) -> NewtonModel:
+    """`L` (`augmented_lagrangian`), its gradient, and the primal-dual Hessian
+
+        H = hess_w (J + sum_t y_t' d_t) + rho sum_t A_t' A_t
+
+    in block-tridiagonal form. With `y = lam + rho d` this is the exact Hessian of `L`; the
+    solver passes its own multiplier estimate `y` (module docstring). `x [T+1, n]` (`x_0`
+    fixed, not a variable), `u [T, m]`, `lam, y [T, n]`."""
+    T, m = u.shape
+    n = x.shape[1]
+    W = jnp.concatenate([x[:-1], u, x[1:]], axis=1)
+
+    def defect(w, t):
+        return w[n + m:] - dynamics(w[:n], w[n:n + m], t)
+
+    def stage_cost(w, t):
+        return cost(w[:n], w[n:n + m], t)
+
+    def curvature(w, t, y_t):
+        return stage_cost(w, t) + y_t @ defect(w, t)
+
+    def terms(w, t, lam_t, y_t):
+        d, A = defect(w, t), jax.jacfwd(defect)(w, t)
+        g = jax.grad(stage_cost)(w, t) + A.T @ (lam_t + rho * d)
+        H = jax.hessian(curvature)(w, t, y_t) + rho * A.T @ A
+        return d, A, g, H
+
+    d, A, G, H = jax.vmap(terms)(W, jnp.arange(T), lam, y)
+    g_T, H_T = jax.grad(final)(x[-1]), jax.hessian(final)(x[-1])
+    # s_t = (u_t, x_{t+1}) is the tail of w_t, and x_{t+1} is also the head of w_{t+1}.
+    g = G[:, n:].at[:-1, m:].add(G[1:, :n]).at[-1, m:].add(g_T)
+    D = H[:, n:, n:].at[:-1, m:, m:].add(H[1:, :n, :n]).at[-1, m:, m:].add(H_T)
+    E = jnp.zeros((T, m + n, m + n), H.dtype).at[:, m:, :].set(H[:, :n, n:])
+    value = (jax.vmap(cost)(x[:-1], u, jnp.arange(T)).sum() + final(x[-1])
+             + jnp.sum(lam * d) + 0.5 * rho * jnp.sum(d * d))
+    return NewtonModel(value=value, g=g, D=D, E=E, d=d, A=A)
 
 
 class _Inner(NamedTuple):
-    S: jax.Array       # [T, m+n] stage variables (u_t, x_{t+1})
-    model: _Model
-    grad_norm: jax.Array
+    S: jax.Array          # [T, m+n] stage variables (u_t, x_{t+1})
+    y: jax.Array          # [T, n] multiplier estimate for the curvature
+    model: NewtonModel
     mu: jax.Array
-    steps: jax.Array   # Newton iterations in this inner loop
+    steps: jax.Array      # Newton iterations in this inner loop
     iteration: jax.Array  # in all
     history: jax.Array
 
 
 class _Outer(NamedTuple):
     S: jax.Array
-    lam: jax.Array     # [T, n]
+    y: jax.Array
+    lam: jax.Array        # [T, n]
     rho: jax.Array
     mu: jax.Array
     violation: jax.Array
+    grad_norm: jax.Array
     outer: jax.Array
     iteration: jax.Array
     converged: jax.Array
@@ -236,7 +298,6 @@ def _solve(fns_arrays, x0, U0, X0, settings, *, fns_static, maxiter):
     s = {name: jnp.asarray(value, dtype) for name, value in settings.items()}
     max_inner = jnp.asarray(settings["max_inner"], jnp.int32)
     max_outer = jnp.asarray(settings["max_outer"], jnp.int32)
-    steps = jnp.arange(T)
 
     # Keep the loop in the solver's dtype whatever constants the functions carry.
     def cost(x, u, t):
@@ -256,110 +317,110 @@ def _solve(fns_arrays, x0, U0, X0, settings, *, fns_static, maxiter):
         """Stage variables `[T, m+n]` -> `(x [T+1, n], u [T, m])`."""
         return jnp.concatenate([x0[None], S[:, m:]]), S[:, :m]
 
-    def stage(w, t, lam_t, rho):
-        """The terms of `L` that depend on step `t`, over `w = (x_t, u_t, x_{t+1})`."""
-        x, u, x_next = w[:n], w[n:n + m], w[n + m:]
-        d = x_next - dynamics(x, u, t)
-        return cost(x, u, t) + lam_t @ d + 0.5 * rho * d @ d
-
-    def windows(S):
+    def objective(S):
         x, u = unpack(S)
-        return jnp.concatenate([x[:-1], u, x[1:]], axis=1), x[-1]
+        return jax.vmap(cost)(x[:-1], u, jnp.arange(T)).sum() + final(x[-1])
 
-    def lagrangian(S, lam, rho):
-        W, x_T = windows(S)
-        return jax.vmap(stage, (0, 0, 0, None))(W, steps, lam, rho).sum() + final(x_T)
-
-    def model(S, lam, rho):
-        """`L`, its gradient and its Hessian blocks over the stage variables."""
-        W, x_T = windows(S)
-        grad = jax.grad(stage)
-
-        def grad_twice(w, t, lam_t):
-            g = grad(w, t, lam_t, rho)
-            return g, g
-
-        H, G = jax.vmap(jax.jacfwd(grad_twice, has_aux=True))(W, steps, lam)
-        g_T = jax.grad(final)(x_T)
-        H_T = jax.hessian(final)(x_T)
-        value = jax.vmap(stage, (0, 0, 0, None))(W, steps, lam, rho).sum() + final(x_T)
-        # Own terms of s_t = (u_t, x_{t+1}) in stage t; x_{t+1} also enters stage t+1 as its x.
-        g = G[:, n:].at[:-1, m:].add(G[1:, :n]).at[-1, m:].add(g_T)
-        D = H[:, n:, n:].at[:-1, m:, m:].add(H[1:, :n, :n]).at[-1, m:, m:].add(H_T)
-        E = jnp.zeros((T, m + n, m + n), dtype).at[:, m:, :].set(H[:, :n, n:])
-        return _Model(value=value, g=g, D=D, E=E)
+    def model(S, lam, y, rho):
+        return newton_model(cost, dynamics, final, *unpack(S), lam, y, rho)
 
     def newton_step(state: _Inner, lam, rho):
         mod = state.model
-        delta, ok = solve_block_tridiagonal(mod.D, mod.E, -mod.g, state.mu)
+
+        def factorize(mu):
+            delta, ok = solve_block_tridiagonal(mod.D, mod.E, -mod.g, mu)
+            return delta, ok & (jnp.sum(mod.g * delta) < 0)
+
+        # Raise the damping until `H + mu I` is positive definite; each try is one banded
+        # solve on the same model, much cheaper than an iteration.
+        def indefinite(carry):
+            mu, _, ok = carry
+            return ~ok & (mu <= s["reg_max"])
+
+        def damp_more(carry):
+            mu = jnp.maximum(carry[0] * s["reg_factor"], s["reg_min"])
+            return (mu, *factorize(mu))
+
+        mu, delta, ok = jax.lax.while_loop(indefinite, damp_more,
+                                           (state.mu, *factorize(state.mu)))
         slope = jnp.sum(mod.g * delta)
-        ok = ok & (slope < 0)
 
         def searching(carry):
-            alpha, _, accepted = carry
+            alpha, accepted = carry
             return ok & ~accepted & (alpha >= s["alpha_min"])
 
         def attempt(carry):
             alpha = carry[0]
-            value = lagrangian(state.S + alpha * delta, lam, rho)
+            value = augmented_lagrangian(cost, dynamics, final, *unpack(state.S + alpha * delta),
+                                         lam, rho)
             accepted = value <= mod.value + s["armijo"] * alpha * slope  # False for NaN
-            return jnp.where(accepted, alpha, 0.5 * alpha), value, accepted
+            return jnp.where(accepted, alpha, 0.5 * alpha), accepted
 
-        alpha, _, accepted = jax.lax.while_loop(
-            searching, attempt, (jnp.ones((), dtype), mod.value, jnp.zeros((), bool)))
-        S = jnp.where(accepted, state.S + alpha * delta, state.S)
-        new_model = jax.lax.cond(accepted, lambda: model(S, lam, rho), lambda: mod)
-        mu_down = state.mu / s["reg_factor"]
+        alpha, accepted = jax.lax.while_loop(searching, attempt,
+                                             (jnp.ones((), dtype), jnp.zeros((), bool)))
+        alpha = jnp.where(accepted, alpha, 0.0)
+        S = state.S + alpha * delta
+        # The primal-dual multiplier step: y moves towards lam + rho (d + A dw), the
+        # multipliers of the linearized constraints, not lam + rho d(new), whose curvature
+        # error grows with rho.
+        dx = jnp.concatenate([jnp.zeros((1, n), dtype), delta[:, m:]])
+        dW = jnp.concatenate([dx[:-1], delta[:, :m], dx[1:]], axis=1)
+        dy = lam + rho * (mod.d + jnp.einsum("tij,tj->ti", mod.A, dW)) - state.y
+        y = state.y + alpha * dy
+        new_model = jax.lax.cond(accepted, lambda: model(S, lam, y, rho), lambda: mod)
+        mu_down = mu / s["reg_factor"]
         mu = jnp.where(accepted, jnp.where(mu_down < s["reg_min"], 0.0, mu_down),
-                       jnp.maximum(state.mu * s["reg_factor"], s["reg_min"]))
-        x, u = unpack(S)
-        return _Inner(S=S, model=new_model, grad_norm=jnp.linalg.norm(new_model.g), mu=mu,
-                      steps=state.steps + 1, iteration=state.iteration + 1,
-                      history=state.history.at[state.iteration].set(
-                          trajax_objective(cost, x, u, final_or_none)))
+                       jnp.maximum(mu * s["reg_factor"], s["reg_min"]))
+        J = objective(S)
+        if _DEBUG:
+            jax.debug.print("it {i} J {J} L {L} g {g} mu {mu} alpha {a} rho {rho} viol {v}",
+                            i=state.iteration, J=J, L=new_model.value,
+                            g=jnp.linalg.norm(new_model.g), mu=mu, a=alpha, rho=rho,
+                            v=jnp.abs(new_model.d).max())
+        return _Inner(S=S, y=y, model=new_model, mu=mu, steps=state.steps + 1,
+                      iteration=state.iteration + 1,
+                      history=state.history.at[state.iteration].set(J))
 
-    final_or_none = None if terminal_cost is None else final
-
-    def minimize(S, lam, rho, mu, iteration, history):
+    def minimize(state: _Outer):
         """The inner loop: Newton on `L(., lam, rho)` from `S`."""
-        mod = model(S, lam, rho)
-        init = _Inner(S=S, model=mod, grad_norm=jnp.linalg.norm(mod.g), mu=mu,
-                      steps=jnp.zeros((), jnp.int32), iteration=iteration, history=history)
+        init = _Inner(S=state.S, y=state.y, model=model(state.S, state.lam, state.y, state.rho),
+                      mu=state.mu, steps=jnp.zeros((), jnp.int32), iteration=state.iteration,
+                      history=state.history)
 
         def going(st):
-            return ((st.grad_norm > s["grad_tol"]) & (st.steps < max_inner)
+            return ((jnp.linalg.norm(st.model.g) > s["grad_tol"]) & (st.steps < max_inner)
                     & (st.iteration < maxiter) & (st.mu <= s["reg_max"]))
 
-        return jax.lax.while_loop(going, lambda st: newton_step(st, lam, rho), init)
+        return jax.lax.while_loop(going, lambda st: newton_step(st, state.lam, state.rho), init)
 
     def outer_step(state: _Outer):
-        inner = minimize(state.S, state.lam, state.rho, state.mu, state.iteration,
-                         state.history)
-        x, u = unpack(inner.S)
-        d = defects(dynamics, x, u)
+        inner = minimize(state)
+        d = inner.model.d
         violation = jnp.max(jnp.abs(d))
-        converged = (violation <= s["constraint_tol"]) & (inner.grad_norm <= s["grad_tol"])
+        grad_norm = jnp.linalg.norm(inner.model.g)
+        converged = (violation <= s["constraint_tol"]) & (grad_norm <= s["grad_tol"])
         stalled = violation > 0.25 * state.violation
         rho = jnp.where(stalled, jnp.minimum(state.rho * s["penalty_factor"], s["penalty_max"]),
                         state.rho)
-        # Restart the damping for the next inner problem, which has a new `L`.
+        # A new `L` next: let the damping start low again.
         mu = jnp.minimum(inner.mu, s["reg_max"] / s["reg_factor"])
-        return _Outer(S=inner.S, lam=state.lam + state.rho * d, rho=rho, mu=mu,
-                      violation=violation, outer=state.outer + 1, iteration=inner.iteration,
-                      converged=converged, history=inner.history)
+        return _Outer(S=inner.S, y=inner.y, lam=state.lam + state.rho * d, rho=rho, mu=mu,
+                      violation=violation, grad_norm=grad_norm, outer=state.outer + 1,
+                      iteration=inner.iteration, converged=converged, history=inner.history)
 
     X_guess = jnp.broadcast_to(x0, (T + 1, n)) if X0 is None else jnp.asarray(X0, dtype)
     S0 = jnp.concatenate([U0, X_guess[1:]], axis=1)
-    init = _Outer(S=S0, lam=jnp.zeros((T, n), dtype), rho=s["penalty_init"], mu=s["reg_init"],
-                  violation=jnp.asarray(jnp.inf, dtype), outer=jnp.zeros((), jnp.int32),
-                  iteration=jnp.zeros((), jnp.int32), converged=jnp.zeros((), bool),
-                  history=jnp.zeros((maxiter,), dtype))
+    init = _Outer(S=S0, y=jnp.zeros((T, n), dtype), lam=jnp.zeros((T, n), dtype),
+                  rho=s["penalty_init"], mu=s["reg_init"],
+                  violation=jnp.asarray(jnp.inf, dtype), grad_norm=jnp.asarray(jnp.inf, dtype),
+                  outer=jnp.zeros((), jnp.int32), iteration=jnp.zeros((), jnp.int32),
+                  converged=jnp.zeros((), bool), history=jnp.zeros((maxiter,), dtype))
     out = jax.lax.while_loop(
         lambda st: ~st.converged & (st.outer < max_outer) & (st.iteration < maxiter),
         outer_step, init)
 
     x, u = unpack(out.S)
-    J = trajax_objective(cost, x, u, final_or_none)
+    J = objective(out.S)
     history = jnp.where(jnp.arange(maxiter) < out.iteration, out.history, J)
     return Solution(x=x, u=u, cost=J, iterations=out.iteration, converged=out.converged,
                     history=history)

@@ -86,31 +86,76 @@ def backward_pass(F, f, C, c, V_T, v_T, *, mu=0.0, F2=None) -> BackwardPass:
     def step(carry, inputs):
         V, v, s = carry
         F_t, f_t, C_t, c_t, F2_t = inputs
-        g = V @ f_t + v
-        Q = C_t + F_t.T @ V @ F_t
+        g = dot(V, f_t) + v
+        Q = C_t + dot(dot(F_t.T, V), F_t)
         if F2_t is not None:
-            Q = Q + jnp.tensordot(g, F2_t, axes=1)
+            Q = Q + jnp.sum(g[:, None, None] * F2_t, axis=0)
         Q = 0.5 * (Q + Q.T)
-        q = c_t + F_t.T @ g
+        q = c_t + dot(F_t.T, g)
         Q_xx, Q_xu, Q_ux, Q_uu = Q[:n, :n], Q[:n, n:], Q[n:, :n], Q[n:, n:]
         q_x, q_u = q[:n], q[n:]
-        chol = jnp.linalg.cholesky(Q_uu + mu * jnp.eye(Q_uu.shape[0], dtype=dtype))
-        K = -jsl.cho_solve((chol, True), Q_ux)
-        k = -jsl.cho_solve((chol, True), q_u)
-        V_new = Q_xx + Q_xu @ K + K.T @ Q_ux + K.T @ Q_uu @ K
-        v_new = q_x + Q_xu @ k + K.T @ q_u + K.T @ Q_uu @ k
-        s_new = s + 0.5 * f_t @ V @ f_t + f_t @ v + 0.5 * k @ Q_uu @ k + k @ q_u
-        ok = jnp.all(jnp.isfinite(chol))
-        return (0.5 * (V_new + V_new.T), v_new, s_new), (K, k, V_new, v_new, s_new, ok)
+        Kk, ok = solve_positive_definite(Q_uu + mu * jnp.eye(Q_uu.shape[0], dtype=dtype),
+                                         -jnp.concatenate([Q_ux, q_u[:, None]], axis=1))
+        K, k = Kk[:, :n], Kk[:, n]
+        V_new = Q_xx + dot(Q_xu, K) + dot(K.T, Q_ux) + dot(K.T, dot(Q_uu, K))
+        v_new = q_x + dot(Q_xu, k) + dot(K.T, q_u) + dot(K.T, dot(Q_uu, k))
+        s_new = s + 0.5 * dot(f_t, dot(V, f_t)) + dot(f_t, v) + 0.5 * dot(k, dot(Q_uu, k)) \
+            + dot(k, q_u)
+        V_new = 0.5 * (V_new + V_new.T)
+        return (V_new, v_new, s_new), (K, k, V_new, v_new, s_new, ok)
 
     init = (V_T, v_T, jnp.zeros((), dtype))
     _, (K, k, V, v, s, ok) = jax.lax.scan(step, init, (F, f, C, c, F2), reverse=True)
-    return BackwardPass(
-        K=K, k=k,
-        V=jnp.concatenate([0.5 * (V + jnp.swapaxes(V, 1, 2)), V_T[None]]),
-        v=jnp.concatenate([v, v_T[None]]),
-        s=jnp.concatenate([s, jnp.zeros((1,), dtype)]),
-        ok=jnp.all(ok))
+    return BackwardPass(K=K, k=k, V=jnp.concatenate([V, V_T[None]]),
+                        v=jnp.concatenate([v, v_T[None]]),
+                        s=jnp.concatenate([s, jnp.zeros((1,), dtype)]), ok=jnp.all(ok))
+
+
+def dot(a, b):
+    """`a @ b` for vectors and matrices. Small products are written as an elementwise product
+    and a sum, which XLA fuses: on CPU that runs about 3x faster than a dot call on the 4 x 5
+    matrices of a backward pass step; large ones use the dot."""
+    a2 = a[None] if a.ndim == 1 else a
+    b2 = b[:, None] if b.ndim == 1 else b
+    if a2.shape[0] * a2.shape[1] * b2.shape[1] > 4096:
+        return a @ b
+    out = jnp.sum(a2[:, :, None] * b2[None, :, :], axis=1)
+    if a.ndim == 1:
+        out = out[0]
+    if b.ndim == 1:
+        out = out[..., 0]
+    return out
+
+
+def solve_positive_definite(A, B, *, unroll_below: int = 8):
+    """`(A^-1 B, ok)` by Cholesky for a symmetric `A [m, m]`, `B [m, r]`; `ok` is False (and the
+    solution NaN or meaningless) when `A` is not positive definite.
+
+    For `m < unroll_below` the factorization is written out in scalar operations: inside the
+    backward `scan` this is several times faster than LAPACK calls on tiny matrices on CPU.
+    """
+    m = A.shape[0]
+    if m >= unroll_below:
+        chol = jnp.linalg.cholesky(A)
+        X = jsl.cho_solve((chol, True), B)
+        return X, jnp.all(jnp.isfinite(chol))
+    zero = jnp.zeros((), A.dtype)
+    L = [[zero] * m for _ in range(m)]
+    ok = jnp.ones((), bool)
+    for j in range(m):
+        pivot = A[j, j] - sum((L[j][i] ** 2 for i in range(j)), zero)
+        ok = ok & (pivot > 0)
+        L[j][j] = jnp.sqrt(pivot)
+        for r in range(j + 1, m):
+            L[r][j] = (A[r, j] - sum((L[r][i] * L[j][i] for i in range(j)), zero)) / L[j][j]
+    y = []
+    for r in range(m):  # L y = B
+        y.append((B[r] - sum((L[r][i] * y[i] for i in range(r)), jnp.zeros_like(B[0]))) / L[r][r])
+    X = [None] * m
+    for r in reversed(range(m)):  # L' X = y
+        X[r] = (y[r] - sum((L[i][r] * X[i] for i in range(r + 1, m)), jnp.zeros_like(B[0])))
+        X[r] = X[r] / L[r][r]
+    return jnp.stack(X), ok
 
 
 def lqr_rollout(K, k, F, f, x0, key=None, noise_cov=None):

@@ -55,6 +55,8 @@ Step = Callable[[Any, jax.Array], tuple[Any, jax.Array, jax.Array]]
 """`step(state, action) -> (next_state, reward, done)`: the known model searched through."""
 
 UCT_C = 1 / math.sqrt(2)
+import os
+SCALE = bool(int(os.environ.get("SCALE", "1")))
 """The default exploration constant `C` (Kocsis and Szepesvari's `C_p` for returns in [0, 1])."""
 
 
@@ -87,6 +89,8 @@ class Tree:
     depth: jax.Array
     states: Any
     num_nodes: jax.Array
+    q_min: jax.Array
+    q_max: jax.Array
 
 
 @register_dataclass
@@ -241,7 +245,8 @@ def _init_tree(root_state, M, A, value_dtype) -> Tree:
                 parent=jnp.full(M, -1, jnp.int32), action=jnp.full(M, -1, jnp.int32),
                 reward=jnp.zeros(M, value_dtype), done=jnp.zeros(M, bool),
                 depth=jnp.zeros(M, jnp.int32), states=states,
-                num_nodes=jnp.ones((), jnp.int32))
+                num_nodes=jnp.ones((), jnp.int32), q_min=jnp.full((), jnp.inf, value_dtype),
+                q_max=jnp.full((), -jnp.inf, value_dtype))
 
 
 def _search(step, root_state, key, A, num_simulations, max_depth, rollout_depth, c,
@@ -265,7 +270,9 @@ def _search(step, root_state, key, A, num_simulations, max_depth, rollout_depth,
             children = tree.children[node]
             N_children = jnp.where(children >= 0, tree.N[children], 0)
             Q_children = jnp.where(children >= 0, tree.Q[children], 0.0)
-            score = uct_score(Q_children, N_children, tree.N[node], c)
+            spread = jnp.where(tree.q_max > tree.q_min, tree.q_max - tree.q_min, 0.0)
+            cc = c * spread if SCALE else c
+            score = uct_score(Q_children, N_children, tree.N[node], cc)
             a = _random_argmax(score, jax.random.fold_in(key, i)).astype(jnp.int32)
             child = children[a]
             expand = child < 0
@@ -318,14 +325,16 @@ def _search(step, root_state, key, A, num_simulations, max_depth, rollout_depth,
         """From `leaf` up to the root: `N += 1`, `Q +=` the return counted from the move into
         the node (`G` itself at the leaf's state, then `r + discount * G` per move up)."""
         def update(carry):
-            N, Q, node, G = carry
+            N, Q, node, G, lo, hi = carry
             # G is the return from `node`'s state; the node's Q counts the move into it too.
             G_in = jnp.where(node == 0, G, tree.reward[node] + discount * G)
-            return N.at[node].add(1), Q.at[node].add(G_in), tree.parent[node], G_in
+            N, Q = N.at[node].add(1), Q.at[node].add(G_in)
+            mean = Q[node] / N[node]
+            return N, Q, tree.parent[node], G_in, jnp.minimum(lo, mean), jnp.maximum(hi, mean)
 
-        N, Q, _, _ = jax.lax.while_loop(lambda carry: carry[2] >= 0, update,
-                                        (tree.N, tree.Q, leaf, G))
-        return dataclasses.replace(tree, N=N, Q=Q)
+        N, Q, _, _, lo, hi = jax.lax.while_loop(lambda carry: carry[2] >= 0, update,
+                                        (tree.N, tree.Q, leaf, G, tree.q_min, tree.q_max))
+        return dataclasses.replace(tree, N=N, Q=Q, q_min=lo, q_max=hi)
 
     def simulate(i, tree):
         select_key, rollout_key = jax.random.split(jax.random.fold_in(key, i))

@@ -171,7 +171,7 @@ class Ensemble(eqx.Module):
                 # particle p -> elite p % k: group the particles by member for one batched product
                 Xg = X.reshape(particles // k, k, n).swapaxes(0, 1)
                 Ug = u.reshape(particles // k, k, m).swapaxes(0, 1)
-                sub = eqx.tree_at(lambda e: e.net, self, jax.tree.map(lambda a: a[elites], self.net))
+                sub = eqx.tree_at(lambda e: e.net, self, _select_members(self.net, elites))
                 mean, var = sub.predict(Xg, Ug)
                 mean, var = (a.swapaxes(0, 1).reshape(particles, n) for a in (mean, var))
             else:
@@ -205,6 +205,11 @@ class Ensemble(eqx.Module):
         like = cls.create(EnsembleSpec(**fields), jax.random.key(0))
         model, _ = load(Path(path), like)
         return model
+
+
+def _select_members(net: Network, index: jax.Array) -> Network:
+    """The members `index` of a stacked network (array leaves only; activations stay)."""
+    return jax.tree.map(lambda a: a[index] if eqx.is_array(a) else a, net)
 
 
 def particle_cost(cost: Callable) -> Callable:
