@@ -120,11 +120,12 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
             return 0
         raise UsageError(f"run: missing AGENT; expected one of: {', '.join(agents.names())}")
     module = agents.load(options.agent)
+    config_cls = agents.config_class(options.agent)
     prog = f"{PROG} run {options.agent}"
     if options.help:
         print(_run_help())
         print(f"\nflags of the {options.agent} agent:")
-        parse_config(module.Config, ["--help"], prog)
+        parse_config(config_cls, ["--help"], prog)
         return 0
 
     if options.resume is not None:
@@ -133,10 +134,10 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
         if recorded.get("agent") != options.agent:
             raise UsageError(f"--resume {options.resume} is a run of agent {recorded.get('agent')!r}, "
                              f"not {options.agent!r}")
-        config = _config_from_json(module.Config, recorded.get("config", {}))
+        config = _config_from_json(config_cls, recorded.get("config", {}))
         env_name, seed, layout = recorded["env"], int(recorded["seed"]), recorded.get("env_layout_text")
     else:
-        config = parse_config(module.Config, rest, prog)
+        config = parse_config(config_cls, rest, prog)
         env_name, seed = options.env, options.seed
         layout = _read_layout(options.env_layout)
 

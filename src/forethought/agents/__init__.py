@@ -1,7 +1,9 @@
 """Agents: the loops of the course notes, one module each.
 
 Each module has a `Config` dataclass, a result type and `train(config, env, key, run=None)`.
-`AGENTS` maps the CLI name to the module; `load(name)` imports it.
+`AGENTS` maps the CLI name to `(module, config class)`: one module may serve several names with
+different defaults (`mpc` and `pets`). `load(name)` gives the module, `config_class(name)` the
+config.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from types import ModuleType
 
 from forethought.errors import ForethoughtError
 
-AGENTS: dict[str, str] = {
-    "random": "forethought.agents.random_policy",
+AGENTS: dict[str, tuple[str, str]] = {
+    "random": ("forethought.agents.random_policy", "Config"),
+    "mpc": ("forethought.agents.mpc", "NaiveConfig"),
+    "pets": ("forethought.agents.mpc", "PETSConfig"),
 }
 
 
@@ -24,10 +28,15 @@ def load(name: str) -> ModuleType:
     """The agent module behind `name` (it has `Config` and `train`)."""
     if name not in AGENTS:
         raise ForethoughtError(f"unknown agent {name!r}; expected one of: {', '.join(names())}")
-    return importlib.import_module(AGENTS[name])
+    return importlib.import_module(AGENTS[name][0])
+
+
+def config_class(name: str) -> type:
+    """The `Config` dataclass of agent `name` (its CLI flags)."""
+    return getattr(load(name), AGENTS[name][1])
 
 
 def summary(name: str) -> str:
-    """The first line of the agent's docstring."""
-    doc = load(name).__doc__ or ""
+    """The first line of the agent's config docstring."""
+    doc = config_class(name).__doc__ or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""

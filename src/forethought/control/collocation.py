@@ -71,6 +71,7 @@ from forethought.control.solution import Solution, trajax_objective
 from forethought.errors import ForethoughtError
 
 _DEBUG = False
+_LAM_Y = False
 
 
 def defects(dynamics, x, u) -> jax.Array:
@@ -404,7 +405,7 @@ def _solve(fns_arrays, x0, U0, X0, settings, *, fns_static, maxiter):
                         state.rho)
         # A new `L` next: let the damping start low again.
         mu = jnp.minimum(inner.mu, s["reg_max"] / s["reg_factor"])
-        return _Outer(S=inner.S, y=inner.y, lam=state.lam + state.rho * d, rho=rho, mu=mu,
+        return _Outer(S=inner.S, y=inner.y, lam=(inner.y if _LAM_Y else state.lam + state.rho * d), rho=rho, mu=mu,
                       violation=violation, grad_norm=grad_norm, outer=state.outer + 1,
                       iteration=inner.iteration, converged=converged, history=inner.history)
 

@@ -106,6 +106,13 @@ class ReplayBuffer:
             self._data[key][self._size: self._size + n] = value
         self._size += n
 
+    def truncate(self, transitions: int) -> None:
+        """Keep only the first `transitions` transitions (and the episodes that start before)."""
+        if not 0 <= transitions <= self._size:
+            raise ForethoughtError(f"truncate: transitions must be in [0, {self._size}], got {transitions}")
+        self._size = transitions
+        self._episode_starts = [s for s in self._episode_starts if s < transitions]
+
     def all(self) -> Transitions:
         """Every transition, oldest first (views, do not modify)."""
         return Transitions(**{k: v[: self._size] for k, v in self._data.items()})

@@ -1,0 +1,272 @@
+"""Model-based RL with MPC: fit a model, plan through it at every step, act, refit.
+
+Seed 000 "Model-Based RL" (the naive model; data aggregation; replanning with MPC, "version
+1.5"; uncertainty-aware models) and seed 002 Algorithm 1 with section 5.1's MPC:
+
+    1. run a random policy for `random_episodes` episodes, adding every transition to the buffer
+    2. fit the dynamics model on the whole buffer (aggregation)
+    3. for every step of an episode: plan a `horizon`-step action sequence through the model
+       with CEM (or MPPI, random shooting), execute its first action, append the transition,
+       and warm-start the next plan with the rest of this one
+    4. refit after each episode and repeat from 3
+
+`model` chooses what the planner plans through: `"probabilistic"` is PETS (an ensemble of
+Gaussian MLPs, particles propagated with TS-infinity), `"deterministic"` the naive model of
+seed 000 (an ensemble of MSE-trained MLPs, here one member by default), and `"true"` the
+system's own dynamics (no learning: the reference a learned model is measured against).
+
+    forethought run pets --env pendulum
+    forethought run mpc --env pendulum
+    forethought run pets --env cartpole --model true   # the true-dynamics CEM controller
+
+Costs are the system's own `cost(x, u, t)` (reward = -cost). Every planning call is one jitted
+function of the model's parameters, the state, the previous plan and a key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal
+
+import equinox as eqx
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
+from forethought.control.mpc import shift_plan
+from forethought.control.shooting import cem_search, mppi_search, rollout_costs, shooting_search
+from forethought.errors import ForethoughtError
+from forethought.models.ensemble import Ensemble, EnsembleSpec, particle_cost
+from forethought.models.train import TrainConfig, evaluate, fit
+from forethought.rl.buffer import ReplayBuffer
+from forethought.systems.gym import system_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """MPC through a learned model (PETS by default)."""
+
+    episodes: int = 10
+    """Episodes in all, the random ones included."""
+    model: Literal["probabilistic", "deterministic", "true"] = "probabilistic"
+    """What to plan through: a probabilistic ensemble (PETS), a deterministic one, or the true dynamics."""
+    random_episodes: int = 1
+    """Episodes of uniformly random actions before the first fit."""
+    planner: Literal["cem", "mppi", "random"] = "cem"
+    """The sampling planner: CEM, MPPI or random shooting."""
+    horizon: int = 25
+    """Planning horizon (steps)."""
+    population: int = 200
+    """Action sequences evaluated per planner iteration."""
+    iterations: int = 4
+    """CEM / MPPI iterations per step."""
+    elite_fraction: float = 0.1
+    """CEM: fraction of the population kept as elites."""
+    alpha: float = 0.1
+    """CEM smoothing: weight of the previous mean and std in each refit."""
+    noise_beta: float = 2.0
+    """Colour of the sampling noise along time (0 white; 2 the iCEM choice)."""
+    mppi_lambda: float = 1.0
+    """MPPI temperature, in units of cost."""
+    particles: int = 10
+    """Particles per action sequence (probabilistic model)."""
+    propagation: Literal["ts_inf", "ts1", "expectation"] = "ts_inf"
+    """How particles move through the ensemble: fixed member (TS-inf), resampled each step (TS1), or the mean."""
+    members: int = 5
+    """Ensemble members (a deterministic model defaults to 1 through `deterministic_members`)."""
+    deterministic_members: int = 1
+    """Members of a deterministic model (1 is seed 000's single naive network)."""
+    hidden: int = 200
+    """Units per hidden layer."""
+    layers: int = 3
+    """Hidden layers per member."""
+    learning_rate: float = 1e-3
+    """Adam(W) learning rate of the model fit."""
+    weight_decay: float = 3e-5
+    """Decoupled weight decay of the model fit."""
+    batch_size: int = 64
+    """Minibatch size per member."""
+    max_epochs: int = 100
+    """Most epochs per refit (early stopping usually ends sooner)."""
+    patience: int = 5
+    """Epochs without a 1% held-out improvement before a refit stops."""
+
+    def __post_init__(self):
+        checks = {"episodes": 1, "horizon": 1, "population": 2, "iterations": 1, "particles": 1,
+                  "members": 1, "deterministic_members": 1, "hidden": 1, "layers": 1, "batch_size": 1,
+                  "max_epochs": 1}
+        for name, minimum in checks.items():
+            if getattr(self, name) < minimum:
+                raise ForethoughtError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        if not 0 <= self.random_episodes < self.episodes or (self.model != "true" and self.random_episodes < 1):
+            raise ForethoughtError(f"random_episodes must be >= 1 (>= 0 with --model true) and < episodes "
+                                   f"({self.episodes}), got {self.random_episodes}")
+        if not 0 < self.elite_fraction <= 1:
+            raise ForethoughtError(f"elite_fraction must be in (0, 1], got {self.elite_fraction}")
+        if self.model == "probabilistic" and self.propagation == "ts_inf" and self.particles % self.members:
+            raise ForethoughtError(f"particles ({self.particles}) must be a multiple of members "
+                                   f"({self.members}) for TS-infinity")
+
+
+@dataclasses.dataclass(frozen=True)
+class PETSConfig(Config):
+    """PETS: a probabilistic ensemble, TS-infinity particles, CEM (Chua et al. 2018)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NaiveConfig(Config):
+    """The naive model + replanning of seed 000: a deterministic network, MPC with CEM."""
+
+    model: Literal["probabilistic", "deterministic", "true"] = "deterministic"
+    """What to plan through: a probabilistic ensemble (PETS), a deterministic one, or the true dynamics."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    returns: list[float]
+    env_steps: int
+    model: Ensemble | None
+    policy: Callable[[np.ndarray, int], np.ndarray]
+    """`policy(observation, t) -> action`: MPC through the final model."""
+
+
+class Planner:
+    """The per-step MPC call, jitted once per run: `act(model, x, U, key) -> (u, U_next)`."""
+
+    def __init__(self, config: Config, system, model_spec: EnsembleSpec | None):
+        self.config, self.system = config, system
+        self.lower = jnp.asarray(system.action_low, jnp.float32)
+        self.upper = jnp.asarray(system.action_high, jnp.float32)
+        self.fill = (self.lower + self.upper) / 2
+        c = config
+        if c.planner == "cem":
+            elites = max(1, int(round(c.population * c.elite_fraction)))
+            self._search = lambda ev, U, key: cem_search(
+                ev, U, key, self.lower, self.upper, population=c.population, elites=elites,
+                iterations=c.iterations, alpha=c.alpha, init_std=(self.upper - self.lower) / 4,
+                noise_beta=c.noise_beta)
+        elif c.planner == "mppi":
+            self._search = lambda ev, U, key: mppi_search(
+                ev, U, key, self.lower, self.upper, population=c.population, iterations=c.iterations,
+                lambda_=c.mppi_lambda, noise_std=(self.upper - self.lower) / 4, noise_beta=c.noise_beta)
+        else:
+            self._search = lambda ev, U, key: shooting_search(
+                ev, U, key, self.lower, self.upper, population=c.population)
+        self.act = eqx.filter_jit(self._act)
+
+    def initial_plan(self) -> jax.Array:
+        return jnp.broadcast_to(self.fill, (self.config.horizon, self.fill.shape[0]))
+
+    def _evaluate(self, model: Ensemble | None, x, key):
+        cost = self.system.cost
+        if model is None:
+            return lambda U, _: rollout_costs(cost, self.system.dynamics, x, U)
+        c = self.config
+        particles = c.particles if model.spec.probabilistic else 1
+        dynamics = model.as_dynamics(key, particles=particles,
+                                     propagation=c.propagation if model.spec.probabilistic else "expectation")
+        X0 = jnp.broadcast_to(x, (particles, x.shape[0]))
+        return lambda U, _: rollout_costs(particle_cost(cost), dynamics, X0, U)
+
+    def _act(self, model, x, U, key):
+        plan_key, model_key = jax.random.split(key)
+        U_new, _ = self._search(self._evaluate(model, x, model_key), U, plan_key)
+        return U_new[0], shift_plan(U_new, self.fill)
+
+
+def _check_env(env: gymnasium.Env):
+    system = system_of(env)
+    if system is None:
+        raise ForethoughtError("the MPC agents need a built-in system's cost for now (env "
+                               f"{env.spec.id if env.spec else type(env.unwrapped).__name__} has none); "
+                               "learned rewards for Gymnasium envs are not built yet")
+    return system
+
+
+def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None) -> Result:
+    run = run or MemoryRun()
+    system = _check_env(env)
+    n, m = system.state_dim, system.action_dim
+    spec = None
+    if config.model != "true":
+        probabilistic = config.model == "probabilistic"
+        spec = EnsembleSpec(n, m, members=config.members if probabilistic else config.deterministic_members,
+                            hidden=config.hidden, layers=config.layers, angles=tuple(system.angles),
+                            probabilistic=probabilistic)
+    train_config = TrainConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                               batch_size=config.batch_size, max_epochs=config.max_epochs,
+                               patience=config.patience)
+    planner = Planner(config, system, spec)
+    model = Ensemble.create(spec, jax.random.fold_in(key, 7)) if spec else None
+    buffer = ReplayBuffer(n, m)
+
+    state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0)}
+    like = {"state": state, "model": model}
+    returns: list[float] = []
+    restored = run.load_checkpoint(like)
+    if restored is not None:
+        (saved, meta) = restored
+        state, model = saved["state"], saved["model"]
+        returns = list(meta.get("returns", []))
+        if (path := _buffer_path(run)) is not None and path.exists():
+            # the buffer is saved before the checkpoint: drop what the checkpoint does not cover
+            buffer = ReplayBuffer.load(path)
+            buffer.truncate(int(meta["buffer_transitions"]))
+    start, env_steps = int(state["episode"]), int(state["env_steps"])
+    clock = EpisodeClock(float(state["elapsed"]))
+
+    def mpc_policy(model, key):
+        box = {"U": planner.initial_plan(), "key": key}
+
+        def policy(obs, t):
+            box["key"], step_key = jax.random.split(box["key"])
+            u, box["U"] = planner.act(model, jnp.asarray(obs, jnp.float32), box["U"], step_key)
+            return np.asarray(u)
+
+        return policy
+
+    run.progress(config.episodes, start=start)
+    try:
+        for episode in range(start, config.episodes):
+            ep_key = episode_key(key, episode)
+            if episode < config.random_episodes:
+                env.action_space.seed(episode_seed(jax.random.fold_in(key, 1), episode))
+                policy = lambda obs, t: env.action_space.sample()  # noqa: E731
+            else:
+                policy = mpc_policy(model, ep_key)
+            result = run_episode(env, policy, episode_seed(key, episode))
+            buffer.add_episode(result.observations, result.actions, result.rewards, result.terminated)
+            env_steps += result.length
+            returns.append(result.total_reward)
+            row = {"episode": episode, "env_steps": env_steps, "return": result.total_reward,
+                   "length": result.length}
+            if model is not None and episode + 1 >= config.random_episodes and episode + 1 < config.episodes:
+                data = buffer.all()
+                model, report = fit(model, data.obs, data.action, data.next_obs,
+                                    jax.random.fold_in(ep_key, 3), train_config)
+                row.update(model_epochs=report.epochs, model_holdout_loss=report.holdout_loss[-1])
+            else:
+                row.update(model_epochs=0, model_holdout_loss=float("nan"))
+            row["wall_seconds"] = round(clock.elapsed, 3)
+            run.log(**row)
+            state = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
+                     "elapsed": np.float64(clock.elapsed)}
+            if (path := _buffer_path(run)) is not None:
+                buffer.save(path)
+            run.save_checkpoint({"state": state, "model": model}, episode=episode + 1, returns=returns,
+                                buffer_transitions=len(buffer))
+    finally:
+        run.close_progress()
+    return Result(returns, env_steps, model, mpc_policy(model, jax.random.fold_in(key, 99)))
+
+
+def _buffer_path(run: RunLike):
+    path = getattr(run, "path", None)
+    return None if path is None else path / "buffer.npz"
+
+
+def model_report(model: Ensemble, buffer: ReplayBuffer) -> dict[str, float]:
+    data = buffer.all()
+    return evaluate(model, data.obs, data.action, data.next_obs)

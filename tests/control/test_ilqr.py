@@ -1,0 +1,301 @@
+"""iLQR and DDP (seed 000, "iLQR", "DDP"): derivative checks by finite differences, trajax's
+acrobot problem, swing-ups, the linear-quadratic case, vmap and dtypes."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from forethought import systems
+from forethought.control.ilqr import (ddp, gradient, ilqr, linearize, linearize_second_order,
+                                      quadratize, quadratize_final, rollout)
+from forethought.control.lqr import backward_pass, lqr
+from forethought.control.solution import trajax_objective
+from forethought.errors import ForethoughtError
+from forethought.systems.base import wrap_angle
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+# ----- finite-difference checks (float64) --------------------------------------------------------
+# A small system with everything the solvers must get right: state-control cross terms, dynamics
+# nonlinear in u (so the DDP term f_uu is not zero), time-dependent cost, a separate final cost.
+
+def toy_dynamics(x, u, t):
+    return x + 0.1 * jnp.stack([jnp.sin(x[1]) * u[0] + x[2],
+                                jnp.cos(x[0]) * u[0] * u[1],
+                                x[0] * x[1] + u[1] ** 2 + 0.1 * t])
+
+
+def toy_cost(x, u, t):
+    return ((1.0 + 0.1 * t) * (0.5 * x @ x + 0.01 * jnp.sum(x**4)) + 0.1 * u @ u
+            + 0.05 * x[0] * u[1] + 0.1 * jnp.sin(x[2]) * u[0])
+
+
+def toy_final(x):
+    return 0.5 * x @ x + jnp.sum(jnp.sin(x))
+
+
+def fd_jacobian(fun, z, h=1e-6):
+    """Central differences: `[*fun(z).shape, z.size]`."""
+    E = h * np.eye(z.size)
+    return np.stack([(fun(z + e) - fun(z - e)) / (2 * h) for e in E], axis=-1)
+
+
+def fd_hessian(fun, z, h=1e-4):
+    """Second differences of the values of `fun` (no derivatives): `[*fun(z).shape, N, N]`."""
+    E = h * np.eye(z.size)
+    rows = [[(fun(z + a + b) - fun(z + a - b) - fun(z - a + b) + fun(z - a - b)) / (4 * h * h)
+             for b in E] for a in E]
+    return np.moveaxis(np.asarray(rows), (0, 1), (-2, -1))
+
+
+def toy_points(T=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(T, 3)), rng.normal(size=(T, 2))
+
+
+def test_linearization_matches_finite_differences(x64):
+    X, U = toy_points()
+    acrobot = systems.make("acrobot")
+    Xa = np.random.default_rng(1).normal(size=(3, 4))
+    for dynamics, X, U in ((toy_dynamics, X, U), (acrobot.dynamics, Xa, U[:, :1])):
+        F = linearize(jax.jit(dynamics), X, U)
+        n = X.shape[1]
+        for t in range(len(U)):
+            fun = jax.jit(lambda z: dynamics(z[:n], z[n:], t))
+            np.testing.assert_allclose(F[t], fd_jacobian(fun, np.r_[X[t], U[t]]), atol=1e-7)
+
+
+def test_quadratization_matches_finite_differences(x64):
+    X, U = toy_points()
+    C, c = quadratize(toy_cost, X, U)
+    for t in range(len(U)):
+        fun = jax.jit(lambda z: toy_cost(z[:3], z[3:], t))
+        z = np.r_[X[t], U[t]]
+        np.testing.assert_allclose(c[t], fd_jacobian(fun, z), atol=1e-7)
+        np.testing.assert_allclose(C[t], fd_hessian(fun, z), atol=1e-5)
+    V_T, v_T = quadratize_final(toy_final, X[0])
+    np.testing.assert_allclose(v_T, fd_jacobian(jax.jit(toy_final), X[0]), atol=1e-7)
+    np.testing.assert_allclose(V_T, fd_hessian(jax.jit(toy_final), X[0]), atol=1e-5)
+
+
+def test_ddp_second_order_dynamics_terms_match_finite_differences(x64):
+    X, U = toy_points()
+    F, F2 = linearize_second_order(toy_dynamics, X, U)
+    np.testing.assert_allclose(F, linearize(toy_dynamics, X, U), atol=1e-12)
+    for t in range(len(U)):
+        fun = jax.jit(lambda z: toy_dynamics(z[:3], z[3:], t))
+        np.testing.assert_allclose(F2[t], fd_hessian(fun, np.r_[X[t], U[t]]), atol=1e-5)
+    assert np.abs(F2[:, :, 3:, 3:]).max() > 0.01  # f_uu is exercised
+
+
+def test_one_step_ddp_is_a_newton_step_and_ilqr_is_not(x64):
+    """With T = 1 the objective is J(u) = cost(x0, u, 0) + final(dynamics(x0, u, 0)); DDP's step
+    k must be Newton's, -H^-1 g, with g and H of J by finite differences; iLQR's misses the
+    dynamics' curvature."""
+    X, U = toy_points(T=1, seed=2)
+    x0, u0 = X[0], U[0]
+    F, F2 = linearize_second_order(toy_dynamics, X, U)
+    C, c = quadratize(toy_cost, X, U)
+    V_T, v_T = quadratize_final(toy_final, toy_dynamics(x0, u0, 0))
+    J = jax.jit(lambda u: toy_cost(x0, u, 0) + toy_final(toy_dynamics(x0, u, 0)))
+    newton = -np.linalg.solve(fd_hessian(J, u0), fd_jacobian(J, u0))
+    f = np.zeros((1, 3))
+    k_ddp = backward_pass(F, f, C, c, V_T, v_T, F2=F2).k[0]
+    k_ilqr = backward_pass(F, f, C, c, V_T, v_T).k[0]
+    np.testing.assert_allclose(k_ddp, newton, atol=1e-6)
+    assert np.abs(k_ilqr - newton).max() > 1e-3
+
+
+def test_adjoint_gradient_matches_finite_differences(x64):
+    rng = np.random.default_rng(3)
+    x0, U = rng.normal(size=3), 0.3 * rng.normal(size=(8, 2))
+    X = rollout(toy_dynamics, x0, U)
+    F = linearize(toy_dynamics, X[:-1], U)
+    _, c = quadratize(toy_cost, X[:-1], U)
+    _, v_T = quadratize_final(toy_final, X[-1])
+    objective = jax.jit(lambda flat: trajax_objective(
+        toy_cost, rollout(toy_dynamics, x0, flat.reshape(8, 2)), flat.reshape(8, 2), toy_final))
+    np.testing.assert_allclose(gradient(F, c, v_T), fd_jacobian(objective, U.ravel()).reshape(8, 2),
+                               atol=1e-7)
+
+
+# ----- trajax's acrobot problem ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def acrobot():
+    """iLQR and DDP on trajax's `testAcrobotSolve`, with its one-function cost convention (the
+    terminal term is `cost(x_T, 0, T)`), in float64."""
+    system = systems.make("acrobot")
+    T = system.horizon
+
+    def cost(x, u, t):
+        return jnp.where(t == T, system.terminal_cost(x), system.cost(x, u, t))
+
+    with jax.enable_x64(True):
+        x0, U0 = jnp.zeros(4), jnp.zeros((T, 1))
+
+        def objective(U):
+            return trajax_objective(cost, rollout(system.dynamics, x0, U), U)
+
+        grad_norm = jax.jit(lambda U: jnp.linalg.norm(jax.grad(objective)(U)))
+        out = {"J0": float(objective(U0))}
+        for solver in (ilqr, ddp):
+            solution = solver(cost, system.dynamics, x0, U0, maxiter=100)
+            out[solver.__name__] = jax.tree.map(np.asarray, solution)
+            out[solver.__name__ + "_grad_norm"] = float(grad_norm(solution.u))
+            out[solver.__name__ + "_system_objective"] = float(trajax_objective(
+                system.cost, solution.x, solution.u, system.terminal_cost))
+    return out
+
+
+def test_acrobot_zero_controls_cost(acrobot):
+    assert abs(acrobot["J0"] - 4959.476212) < 1e-6
+
+
+@pytest.mark.parametrize("name", ["ilqr", "ddp"])
+def test_acrobot_solve_to_threshold(acrobot, name):
+    solution = acrobot[name]
+    assert solution.cost < 51.0
+    assert solution.iterations <= 100 and solution.converged
+    assert acrobot[name + "_grad_norm"] < 1e-4
+    # The same objective through the system's stage and terminal costs.
+    assert abs(acrobot[name + "_system_objective"] - solution.cost) < 1e-9
+    # Up, at rest: the terminal weight 1000 holds x_T near the goal.
+    np.testing.assert_allclose(solution.x[-1], [np.pi, 0, 0, 0], atol=0.02)
+    # The history only decreases and ends at the returned objective.
+    history = solution.history
+    assert np.all(np.diff(history) <= 0) and history[0] < acrobot["J0"]
+    assert np.all(history[solution.iterations - 1:] == solution.cost)
+    assert solution.K.shape == (50, 1, 4) and solution.k.shape == (50, 1)
+
+
+def test_ddp_needs_no_more_iterations_than_ilqr(acrobot):
+    assert acrobot["ddp"].iterations <= acrobot["ilqr"].iterations
+
+
+def test_acrobot_float32():
+    system = systems.make("acrobot")
+    solution = ilqr(system.cost, system.dynamics, jnp.zeros(4), jnp.zeros((50, 1)),
+                    terminal_cost=system.terminal_cost)
+    assert solution.u.dtype == jnp.float32 and solution.cost.dtype == jnp.float32
+    assert solution.cost < 51.0 and solution.converged
+
+
+# ----- swing-ups from rest (float32) -------------------------------------------------------------
+
+SWING_UPS = {
+    "pendulum": dict(),
+    "cartpole": dict(cost_kind="quadratic", cart_mass=1.0, pole_mass=0.1, pole="point", dt=0.05,
+                     horizon=100),
+}
+
+
+@pytest.fixture(scope="module")
+def swing_up_systems():
+    return {name: systems.make(name, **params) for name, params in SWING_UPS.items()}
+
+
+def solve_swing_up(solver, system, x0):
+    U0 = jnp.zeros((system.horizon, system.action_dim))
+    return solver(system.cost, system.dynamics, x0, U0, terminal_cost=system.terminal_cost)
+
+
+@pytest.mark.parametrize("solver", [ilqr, ddp])
+@pytest.mark.parametrize("name", list(SWING_UPS))
+def test_swing_up_from_rest(swing_up_systems, name, solver):
+    system = swing_up_systems[name]
+    x0 = system.initial_state()
+    solution = solve_swing_up(solver, system, x0)
+    assert solution.converged
+    assert solution.cost < 0.5 * system.objective(x0, jnp.zeros((system.horizon, 1)))
+    angle = 0 if name == "pendulum" else 1
+    x_T = np.asarray(solution.x[-1])
+    assert abs(wrap_angle(x_T[angle] - np.pi)) < 0.2, x_T
+    assert np.all(np.abs(x_T) < 4.0), x_T  # velocities (and the cart) settle too
+    if name == "cartpole":
+        assert abs(x_T[0]) < 0.1
+
+
+def test_vmap_over_x0_matches_single_solves(swing_up_systems):
+    system = swing_up_systems["pendulum"]
+    x0s = jnp.array([[0.0, 0.0], [0.1, 0.0], [-0.1, 0.2]])
+    batch = jax.vmap(lambda x0: solve_swing_up(ilqr, system, x0))(x0s)
+    single = solve_swing_up(ilqr, system, x0s[0])
+    np.testing.assert_allclose(batch.u[0], single.u, rtol=1e-3, atol=1e-3)
+    assert batch.cost.shape == (3,) and bool(jnp.all(batch.converged))
+
+
+def test_arrays_inside_a_system_are_traced_not_recompiled(swing_up_systems):
+    from forethought.control.ilqr import _solve
+
+    pendulum = swing_up_systems["pendulum"]
+    before = None
+    costs = []
+    for mass in (1.0, 1.2):
+        system = dataclasses.replace(pendulum, mass=jnp.asarray(mass))
+        costs.append(float(solve_swing_up(ilqr, system, system.initial_state()).cost))
+        before = before if before is not None else _solve._cache_size()
+    assert _solve._cache_size() == before
+    assert costs[0] != costs[1]
+
+
+# ----- the linear-quadratic case -----------------------------------------------------------------
+
+def test_linear_quadratic_problem_is_solved_in_one_step(x64):
+    """On linear dynamics and a quadratic cost, one iLQR/DDP step is the LQR solution. iLQR runs
+    with trajax's convention (the terminal cost inside `cost` at t == T), DDP with
+    `terminal_cost`."""
+    rng = np.random.default_rng(4)
+    T, n, m = 6, 3, 2
+    F = rng.normal(size=(T, n, n + m)) / np.sqrt(n + m)
+    f = rng.normal(size=(T, n))
+    M = rng.normal(size=(T, n + m, n + m))
+    C = M @ np.swapaxes(M, 1, 2) / (n + m) + 0.5 * np.eye(n + m)
+    c = rng.normal(size=(T, n + m))
+    C_T, c_T = np.eye(n), rng.normal(size=n)
+    x0 = rng.normal(size=n)
+    reference = lqr(F, f, C, c, x0, C_T, c_T)
+
+    def dynamics(x, u, t):
+        return F[t] @ jnp.concatenate([x, u]) + f[t]
+
+    def final(x):
+        return 0.5 * x @ C_T @ x + c_T @ x
+
+    def stage(x, u, t):
+        z = jnp.concatenate([x, u])
+        return 0.5 * z @ C[jnp.minimum(t, T - 1)] @ z + c[jnp.minimum(t, T - 1)] @ z
+
+    def trajax_cost(x, u, t):
+        return jnp.where(t == T, final(x), stage(x, u, t))
+
+    for solution in (ilqr(trajax_cost, dynamics, x0, jnp.zeros((T, m))),
+                     ddp(stage, dynamics, x0, jnp.zeros((T, m)), terminal_cost=final)):
+        assert solution.converged and solution.iterations == 1
+        np.testing.assert_allclose(solution.u, reference.u, atol=1e-8)
+        np.testing.assert_allclose(solution.cost, reference.cost, rtol=1e-10)
+        # Deviation gains about the optimum: the LQR feedback, and no feedforward left.
+        np.testing.assert_allclose(solution.K, reference.K, atol=1e-8)
+        np.testing.assert_allclose(solution.k, 0.0, atol=1e-8)
+
+
+# ----- input checks ------------------------------------------------------------------------------
+
+def test_bad_inputs_name_the_argument():
+    x0, U0 = jnp.zeros(3), jnp.zeros((4, 2))
+    with pytest.raises(ForethoughtError, match="dynamics"):
+        ilqr(toy_cost, lambda x, u, t: x[:2], x0, U0)
+    with pytest.raises(ForethoughtError, match="cost"):
+        ddp(lambda x, u, t: x, toy_dynamics, x0, U0)
+    with pytest.raises(ForethoughtError, match="U0"):
+        ilqr(toy_cost, toy_dynamics, x0, jnp.zeros(4))
+    with pytest.raises(ForethoughtError, match="terminal_cost"):
+        ilqr(toy_cost, toy_dynamics, x0, U0, terminal_cost=lambda x: x)
