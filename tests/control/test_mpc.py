@@ -88,7 +88,7 @@ def test_mpc_swings_the_pendulum_up_and_holds_it(name):
     p = PENDULUM
     mpc = MPC(SWING_UP[name], p.cost, p.dynamics, 30, p.action_low, p.action_high)
     keys = jax.random.split(jax.random.key(0), 3)
-    X, U, _ = jax.vmap(lambda k: run_mpc(mpc, p.dynamics, p.initial_state(k), 220, k))(keys)
+    X, U, _ = jax.vmap(lambda k: run_mpc(mpc, p.dynamics, p.initial_state(k), 250, k))(keys)
     last = np.asarray(X[:, -20:])
     angle_error = np.abs((last[..., 0] % (2 * np.pi)) - np.pi)
     assert angle_error.max() < 0.15, angle_error.max(axis=1)

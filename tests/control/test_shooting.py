@@ -57,20 +57,18 @@ def test_cem_converges_on_convex_quadratic(optimum, dtype):
 
 
 def test_solution_is_consistent_with_the_objective():
-    U0 = jnp.zeros((T, 1))
-    solution = cem(cost, dynamics, jnp.asarray(X0, jnp.float32), U0, jax.random.key(1),
-                   lower=-10.0, upper=10.0, population=50, iterations=3, init_std=1.0)
-    np.testing.assert_allclose(solution.x, rollout(dynamics, solution.x[0], solution.u))
-    np.testing.assert_allclose(solution.cost, trajax_objective(cost, solution.x, solution.u),
-                               rtol=1e-6)
-    batch = jnp.stack([solution.u, U0])
-    np.testing.assert_allclose(rollout_costs(cost, dynamics, solution.x[0], batch),
-                               [solution.cost, trajax_objective(cost, rollout(dynamics, solution.x[0], U0), U0)],
-                               rtol=1e-6)
+    x0, U0 = jnp.asarray(X0, jnp.float32), jnp.zeros((T, 1))
+    solution = cem(cost, dynamics, x0, U0, jax.random.key(1), lower=-10.0, upper=10.0,
+                   population=50, iterations=3, init_std=1.0)
+    np.testing.assert_allclose(solution.x, rollout(dynamics, x0, solution.u), rtol=1e-6)
+    X = rollout(dynamics, x0, U0)
+    expected = [trajax_objective(cost, solution.x, solution.u), trajax_objective(cost, X, U0)]
+    np.testing.assert_allclose(solution.cost, expected[0], rtol=1e-6)
+    np.testing.assert_allclose(rollout_costs(cost, dynamics, x0, jnp.stack([solution.u, U0])),
+                               expected, rtol=1e-6)
     # With a terminal cost, it replaces trajax's final stage term.
     terminal = lambda x: 100.0 * jnp.sum(x * x)  # noqa: E731
-    X = rollout(dynamics, solution.x[0], U0)
-    np.testing.assert_allclose(rollout_costs(cost, dynamics, X[0], U0[None], terminal)[0],
+    np.testing.assert_allclose(rollout_costs(cost, dynamics, x0, U0[None], terminal)[0],
                                trajax_objective(cost, X, U0, terminal), rtol=1e-6)
 
 

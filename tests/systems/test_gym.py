@@ -36,7 +36,7 @@ def test_actions_are_clipped_to_the_bounds():
     env.reset(seed=0, options={"state": np.zeros(2)})
     big, _, _, _, _ = env.step(np.array([100.0]))
     env.reset(seed=0, options={"state": np.zeros(2)})
-    limit, _, _, _, _ = env.step(np.array([2.0]))
+    limit, _, _, _, _ = env.step(np.array([system_of(env).max_torque]))
     np.testing.assert_array_equal(big, limit)
 
 

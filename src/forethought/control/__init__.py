@@ -4,6 +4,8 @@ Every solver follows trajax's contract, `solver(cost, dynamics, x0, U0, ...) -> 
 jit-compiled whole. See `docs/ARCHITECTURE.md` for the objective convention.
 """
 
+from forethought.control.mpc import MPC, run_mpc
+from forethought.control.shooting import cem, mppi, random_shooting, rollout, rollout_costs
 from forethought.control.solution import Solution
 
-__all__ = ["Solution"]
+__all__ = ["Solution", "MPC", "run_mpc", "cem", "mppi", "random_shooting", "rollout", "rollout_costs"]

@@ -11,7 +11,7 @@ Seed 000 ("MPC replanning") and seed 002, section 5.1. At step `t` in state `x_t
     >>> from functools import partial
     >>> p = systems.make("pendulum")
     >>> mpc = MPC(partial(cem, population=500, iterations=5), p.cost, p.dynamics, horizon=30,
-    ...           lower=p.action_low, upper=p.action_high, terminal_cost=p.terminal_cost)
+    ...           lower=p.action_low, upper=p.action_high)
     >>> state = mpc.init(key)
     >>> u, state = mpc.act(state, x, t)          # one jitted call per environment step
     >>> X, U, costs = run_mpc(mpc, p.dynamics, p.initial_state(), 200, key)   # all in JAX
@@ -23,6 +23,7 @@ time-varying costs (tracking a reference) work unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import equinox as eqx
@@ -55,7 +56,8 @@ def shift_plan(U, fill) -> jax.Array:
     return jnp.concatenate([U[1:], jnp.broadcast_to(fill, U.shape[1:])[None].astype(U.dtype)])
 
 
-class MPC(eqx.Module):
+@dataclasses.dataclass(frozen=True, eq=False)
+class MPC:
     """A receding-horizon controller around a sampling planner.
 
     Args:
@@ -66,36 +68,38 @@ class MPC(eqx.Module):
       horizon: planning horizon H (steps).
       lower, upper: action bounds, `[m]` or scalars (then `action_dim` gives m, default 1).
       terminal_cost: `terminal_cost(x) -> scalar` at the end of each plan, or None for
-        trajax's `cost(x_H, 0, H)`.
+        trajax's `cost(x_H, 0, H)`. Short horizons usually want None: a terminal cost sized for
+        a whole episode (such as the pendulum's) makes every short plan postpone the swing.
       action_dim: m, needed only when both bounds are scalars.
 
-    The controller is a pytree: arrays inside it (the bounds, a model's parameters inside a
-    bound-method `dynamics`) are traced by `act`, so a new model of the same shapes reuses the
-    compiled step.
+    `act` compiles the controller once, with `cost`, `dynamics` and the bounds baked in. To plan
+    through a model whose parameters change (a learned model between episodes) without
+    recompiling, call `plan` inside your own `jax.jit` that takes the parameters as arguments
+    (an `MPC` can be built inside it).
     """
 
     planner: Callable
     cost: Callable
     dynamics: Callable
-    horizon: int = eqx.field(static=True)
+    horizon: int
     lower: jax.Array
     upper: jax.Array
-    terminal_cost: Callable | None
+    terminal_cost: Callable | None = None
+    action_dim: dataclasses.InitVar[int | None] = None
 
-    def __init__(self, planner, cost, dynamics, horizon, lower, upper, *, terminal_cost=None,
-                 action_dim=None):
-        if not isinstance(horizon, (int, np.integer)) or horizon < 1:
-            raise ForethoughtError(f"MPC: horizon must be an integer >= 1, got {horizon!r}")
+    def __post_init__(self, action_dim):
+        if not isinstance(self.horizon, (int, np.integer)) or self.horizon < 1:
+            raise ForethoughtError(f"MPC: horizon must be an integer >= 1, got {self.horizon!r}")
         if action_dim is None:
-            sizes = {int(np.size(b)) for b in (lower, upper) if np.ndim(b) == 1}
-            action_dim = sizes.pop() if len(sizes) == 1 else (1 if not sizes else None)
-            if action_dim is None:
+            sizes = {int(np.size(b)) for b in (self.lower, self.upper) if np.ndim(b) == 1}
+            if len(sizes) > 1:
                 raise ForethoughtError(f"MPC: lower and upper must have the same shape (m,), "
-                                       f"got {np.shape(lower)} and {np.shape(upper)}")
-        self.lower, self.upper = check_bounds(lower, upper, action_dim, where="MPC")
-        self.planner, self.cost, self.dynamics = planner, cost, dynamics
-        self.horizon = int(horizon)
-        self.terminal_cost = terminal_cost
+                                       f"got {np.shape(self.lower)} and {np.shape(self.upper)}")
+            action_dim = sizes.pop() if sizes else 1
+        lower, upper = check_bounds(self.lower, self.upper, action_dim, where="MPC")
+        object.__setattr__(self, "lower", lower)
+        object.__setattr__(self, "upper", upper)
+        object.__setattr__(self, "horizon", int(self.horizon))
 
     @property
     def fill(self) -> jax.Array:
@@ -125,16 +129,20 @@ class MPC(eqx.Module):
     def act(self, state: MPCState, x, t) -> tuple[jax.Array, MPCState]:
         """The action `u: [m]` for state `x: [n]` at step `t`, and the next state.
 
-        One compiled call per environment step; `t` is passed as an array, so stepping through
-        an episode never recompiles.
+        One compiled call per environment step (compiled on the first); `t` is traced, so
+        stepping through an episode never recompiles.
         """
-        return _act(self, state, jnp.asarray(x), jnp.asarray(t, jnp.int32))
+        return self._act(state, x, t)
 
+    @functools.cached_property
+    def _act(self):
+        # A plain `jax.jit` closure: its dispatch costs ~15 us a step, where `eqx.filter_jit`
+        # over the controller as a pytree cost ~200 us (it partitions the pytree every call).
+        def act(state, x, t):
+            solution, state = self.plan(state, x, t)
+            return solution.u[0], state
 
-@eqx.filter_jit
-def _act(mpc: MPC, state: MPCState, x, t):
-    solution, state = mpc.plan(state, x, t)
-    return solution.u[0], state
+        return jax.jit(act)
 
 
 def run_mpc(controller: MPC, dynamics, x0, steps: int, key):

@@ -12,8 +12,8 @@ chooses the action sequence `A = (u_0, ..., u_{T-1})` minimising `J(A)`, the cos
   `w_i ∝ exp(-J(A_i) / lambda)` and returns the weighted mean.
 
 All three share trajax's contract, `planner(cost, dynamics, x0, U0, key, *, lower, upper,
-terminal_cost=None, ...) -> Solution`, with `cost(x, u, t) -> scalar`, `dynamics(x, u, t) -> x_next`,
-`x0: [n]`, `U0: [T, m]` (the initial mean, e.g. a shifted previous plan) and action bounds
+terminal_cost=None, ...) -> Solution`, with `cost(x, u, t) -> scalar`, `dynamics(x, u, t) ->
+x_next`, `x0: [n]`, `U0: [T, m]` (the initial mean, e.g. a shifted previous plan) and action bounds
 `lower, upper: [m]` or scalars. The objective is
 
     J(U) = sum_{t<T} cost(x_t, u_t, t) + final,   final = terminal_cost(x_T) if given,
@@ -69,7 +69,7 @@ def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None) ->
     """The objective `J` (see the module docstring) of each plan in `U_batch: [N, T, m]`
     from `x0: [n]` -> `[N]`.
 
-    One `vmap` over the batch of one `lax.scan` over time, accumulating cost as it goes so the
+    One `vmap` over the batch of one `lax.scan` over time that emits stage costs, so the
     `[N, T+1, n]` states are never stored. With `keys` (`[N, T]` PRNG keys), `dynamics(x, u, t,
     key)` is called instead (stochastic models). Model-based agents reuse this to score a
     population through a learned model.
@@ -77,16 +77,14 @@ def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None) ->
     T = U_batch.shape[1]
 
     def objective(U, keys_i):
-        def step(carry, inputs):
-            x, total = carry
+        def step(x, inputs):
             t, u, key = inputs
             x_next = dynamics(x, u, t) if keys_i is None else dynamics(x, u, t, key)
-            return (x_next, total + cost(x, u, t)), None
+            return x_next, cost(x, u, t)
 
-        zero = jnp.zeros((), jnp.result_type(cost(x0, U[0], 0)))
-        (xT, total), _ = jax.lax.scan(step, (x0, zero), (jnp.arange(T), U, keys_i))
+        xT, stage = jax.lax.scan(step, x0, (jnp.arange(T), U, keys_i))
         final = cost(xT, jnp.zeros_like(U[0]), T) if terminal_cost is None else terminal_cost(xT)
-        return total + final
+        return stage.sum() + final
 
     return jax.vmap(objective)(U_batch, keys)
 
@@ -310,7 +308,9 @@ def _plan(search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knob
     system's or a model's parameters) and keeps Python values static, so a new model or system
     with the same shapes reuses the compiled program.
     """
-    evaluate = lambda U_batch, key: rollout_costs(cost, dynamics, x0, U_batch, terminal_cost)  # noqa: E731
+    def evaluate(U_batch, key):
+        return rollout_costs(cost, dynamics, x0, U_batch, terminal_cost)
+
     U, history = search(evaluate, U0, key, lower, upper, **knobs)
     X = rollout(dynamics, x0, U)
     return Solution(x=X, u=U, cost=trajax_objective(cost, X, U, terminal_cost),

@@ -2,8 +2,10 @@
 
     theta'' = -(g / l) sin(theta) - b theta' + u / (m l^2)
 
-`theta = 0` hangs down, `theta = pi` is upright. The torque limit (2 N m by default, a fifth of
-what holding the pendulum horizontal takes) forces a swing-up in several pumps. The cost is the
+`theta = 0` hangs down, `theta = pi` is upright. The torque limit (4 N m by default, about 40%
+of what holding the pendulum horizontal takes, the same ratio as Gymnasium's Pendulum) forces a
+swing-up in one or two pumps, which an MPC with the true model finishes in about 3 s of the 5 s
+episode. The cost is the
 quadratic one of the control issue's benchmark, on the wrapped angle error:
 stage `0.5 (e' Q e + r u^2)` and terminal `0.5 e' Qf e`, `e = (wrap(theta - pi), theta')`.
 """
@@ -35,7 +37,7 @@ class Pendulum(ContinuousSystem):
     gravity: float = 9.81
     damping: float = 0.1
     """Viscous damping b (1/s), as in theta'' = ... - b theta'."""
-    max_torque: float = 2.0
+    max_torque: float = 4.0
     """Action bound (N m): actions live in [-max_torque, max_torque]."""
     init_std: float = 0.05
     """Standard deviation of the start around hanging at rest."""
