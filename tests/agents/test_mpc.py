@@ -1,0 +1,99 @@
+"""MPC agents on a tiny known task: a 1-D point mass (the double integrator) driven to the origin."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from forethought import systems
+from forethought.agents import mpc
+from forethought.agents.base import MemoryRun
+from forethought.errors import ForethoughtError
+from forethought.models.ensemble import Ensemble, EnsembleSpec
+from forethought.models.train import TrainConfig, fit
+from forethought.systems.gym import SystemEnv
+
+SYSTEM = systems.make("double-integrator", start_position=2.0, init_std=0.2, horizon=30)
+SMALL = dict(horizon=12, population=64, iterations=3, particles=5, members=5, hidden=32, layers=2,
+             batch_size=32, learning_rate=3e-3, max_epochs=60, patience=10)
+
+
+def rollout_cost(system, planner, model, x0, key):
+    x, U, total = jnp.asarray(x0), planner.initial_plan(), 0.0
+    for t in range(system.horizon):
+        key, step_key = jax.random.split(key)
+        u, U = planner.act(model, x, U, step_key)
+        u = jnp.clip(u, system.action_low, system.action_high)
+        total += float(system.cost(x, u, t))
+        x = system.dynamics(x, u, t)
+    return total
+
+
+@pytest.fixture(scope="module")
+def reference_return():
+    """The true-dynamics controller with the same planner: what a learned model should reach."""
+    result = mpc.train(mpc.PETSConfig(episodes=1, random_episodes=0, model="true", **SMALL),
+                       SystemEnv(SYSTEM), jax.random.key(0))
+    return result.returns[0]
+
+
+@pytest.mark.parametrize("config_cls", [mpc.PETSConfig, mpc.NaiveConfig])
+def test_pets_and_the_naive_model_solve_the_point_mass(config_cls, reference_return):
+    run = MemoryRun()
+    result = mpc.train(config_cls(episodes=4, **SMALL), SystemEnv(SYSTEM), jax.random.key(1), run)
+    random_return = result.returns[0]
+    best_learned = max(result.returns[1:])
+    assert reference_return > 0.75 * random_return  # the task is not trivial: random is much worse
+    assert best_learned >= 1.1 * reference_return, (result.returns, reference_return)
+    assert [row["env_steps"] for row in run.rows] == [30, 60, 90, 120]
+
+
+def test_the_loop_refits_on_all_the_data(monkeypatch):
+    seen = []
+    real_fit = mpc.fit
+
+    def recording_fit(model, obs, action, next_obs, key, config):
+        seen.append(len(obs))
+        return real_fit(model, obs, action, next_obs, key, config)
+
+    monkeypatch.setattr(mpc, "fit", recording_fit)
+    mpc.train(mpc.NaiveConfig(episodes=3, **SMALL), SystemEnv(SYSTEM), jax.random.key(2))
+    assert seen == [30, 60]  # after the random episode and after the first MPC episode
+
+
+def test_the_planner_sees_only_the_model():
+    """A model fit to the mirror-image system (force reversed) drives the real one the wrong way."""
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-3, 3, (2000, 2)).astype(np.float32)
+    u = rng.uniform(-1, 1, (2000, 1)).astype(np.float32)
+    true_next = np.asarray(jax.vmap(SYSTEM.dynamics)(x, u, jnp.zeros(2000, int)))
+    wrong_next = np.asarray(jax.vmap(SYSTEM.dynamics)(x, -u, jnp.zeros(2000, int)))
+    spec = EnsembleSpec(2, 1, members=5, hidden=32, layers=2)
+    train = TrainConfig(learning_rate=3e-3, batch_size=64, max_epochs=60, patience=10)
+    right, _ = fit(Ensemble.create(spec, jax.random.key(0)), x, u, true_next, jax.random.key(1), train)
+    wrong, _ = fit(Ensemble.create(spec, jax.random.key(0)), x, u, wrong_next, jax.random.key(1), train)
+    planner = mpc.Planner(mpc.PETSConfig(**SMALL), SYSTEM, spec)
+    x0 = SYSTEM.initial_state()
+    cost_right = rollout_cost(SYSTEM, planner, right, x0, jax.random.key(3))
+    cost_wrong = rollout_cost(SYSTEM, planner, wrong, x0, jax.random.key(3))
+    cost_nothing = float(SYSTEM.objective(x0, jnp.zeros((SYSTEM.horizon, 1)))) - float(SYSTEM.terminal_cost(
+        SYSTEM.rollout(x0, jnp.zeros((SYSTEM.horizon, 1)))[-1]))
+    assert cost_right < 0.75 * cost_nothing
+    assert cost_wrong > cost_nothing
+
+
+def test_gymnasium_envs_without_a_cost_are_refused_clearly():
+    import gymnasium
+
+    with pytest.raises(ForethoughtError, match="built-in system"):
+        mpc.train(mpc.PETSConfig(**SMALL), gymnasium.make("Pendulum-v1"), jax.random.key(0))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("particles", 7, "multiple of members"),
+    ("random_episodes", 0, "random_episodes"),
+    ("horizon", 0, "horizon must be >= 1"),
+])
+def test_bad_settings_name_the_field(field, value, message):
+    with pytest.raises(ForethoughtError, match=message):
+        mpc.PETSConfig(**{**SMALL, field: value})
