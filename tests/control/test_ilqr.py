@@ -1,8 +1,9 @@
 """iLQR and DDP (seed 000, "iLQR", "DDP"): derivative checks by finite differences, trajax's
 acrobot problem, swing-ups, the linear-quadratic case, vmap and dtypes."""
 
-import dataclasses
+import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,18 +43,50 @@ def toy_final(x):
     return 0.5 * x @ x + jnp.sum(jnp.sin(x))
 
 
-def fd_jacobian(fun, z, h=1e-6):
-    """Central differences: `[*fun(z).shape, z.size]`."""
-    E = h * np.eye(z.size)
-    return np.stack([(fun(z + e) - fun(z - e)) / (2 * h) for e in E], axis=-1)
+ACROBOT = systems.make("acrobot")
 
 
-def fd_hessian(fun, z, h=1e-4):
-    """Second differences of the values of `fun` (no derivatives): `[*fun(z).shape, N, N]`."""
+# The same functions of z = [x; u] and t, for finite differences.
+def toy_dynamics_z(z, t):
+    return toy_dynamics(z[:3], z[3:], t)
+
+
+def toy_cost_z(z, t):
+    return toy_cost(z[:3], z[3:], t)
+
+
+def toy_final_z(x, t):
+    return toy_final(x)
+
+
+def acrobot_dynamics_z(z, t):
+    return ACROBOT.dynamics(z[:4], z[4:], t)
+
+
+@functools.cache
+def batched(fun):
+    """`fun(z, t)` over a batch of `z`, compiled once per function (and batch size)."""
+    return jax.jit(jax.vmap(fun, in_axes=(0, None)))
+
+
+def fd_jacobian(fun, z, t=0, h=1e-6):
+    """Central differences of `fun(., t)` at `z [N]`: `[*fun(z, t).shape, N]`."""
     E = h * np.eye(z.size)
-    rows = [[(fun(z + a + b) - fun(z + a - b) - fun(z - a + b) + fun(z - a - b)) / (4 * h * h)
-             for b in E] for a in E]
-    return np.moveaxis(np.asarray(rows), (0, 1), (-2, -1))
+    values = np.asarray(batched(fun)(np.concatenate([z + E, z - E]), t))
+    return np.moveaxis((values[:z.size] - values[z.size:]) / (2 * h), 0, -1)
+
+
+def fd_hessian(fun, z, t=0, h=1e-4):
+    """Second differences of the values of `fun(., t)` (no derivatives):
+    `[*fun(z, t).shape, N, N]`."""
+    N = z.size
+    E = h * np.eye(N)
+    a, b = E[:, None, :], E[None, :, :]
+    points = np.stack([z + a + b, z + a - b, z - a + b, z - a - b]).reshape(4 * N * N, N)
+    values = np.asarray(batched(fun)(points, t))
+    values = values.reshape(4, N, N, *values.shape[1:])
+    hessian = (values[0] - values[1] - values[2] + values[3]) / (4 * h * h)
+    return np.moveaxis(hessian, (0, 1), (-2, -1))
 
 
 def toy_points(T=3, seed=0):
@@ -63,36 +96,36 @@ def toy_points(T=3, seed=0):
 
 def test_linearization_matches_finite_differences(x64):
     X, U = toy_points()
-    acrobot = systems.make("acrobot")
     Xa = np.random.default_rng(1).normal(size=(3, 4))
-    for dynamics, X, U in ((toy_dynamics, X, U), (acrobot.dynamics, Xa, U[:, :1])):
-        F = linearize(jax.jit(dynamics), X, U)
-        n = X.shape[1]
+    cases = ((toy_dynamics, toy_dynamics_z, X, U), (ACROBOT.dynamics, acrobot_dynamics_z, Xa,
+                                                    U[:, :1]))
+    for dynamics, dynamics_z, X, U in cases:
+        F = jax.jit(linearize, static_argnums=0)(dynamics, X, U)
         for t in range(len(U)):
-            fun = jax.jit(lambda z: dynamics(z[:n], z[n:], t))
-            np.testing.assert_allclose(F[t], fd_jacobian(fun, np.r_[X[t], U[t]]), atol=1e-7)
+            np.testing.assert_allclose(F[t], fd_jacobian(dynamics_z, np.r_[X[t], U[t]], t),
+                                       atol=1e-7)
 
 
 def test_quadratization_matches_finite_differences(x64):
     X, U = toy_points()
-    C, c = quadratize(toy_cost, X, U)
+    C, c = jax.jit(quadratize, static_argnums=0)(toy_cost, X, U)
     for t in range(len(U)):
-        fun = jax.jit(lambda z: toy_cost(z[:3], z[3:], t))
         z = np.r_[X[t], U[t]]
-        np.testing.assert_allclose(c[t], fd_jacobian(fun, z), atol=1e-7)
-        np.testing.assert_allclose(C[t], fd_hessian(fun, z), atol=1e-5)
-    V_T, v_T = quadratize_final(toy_final, X[0])
-    np.testing.assert_allclose(v_T, fd_jacobian(jax.jit(toy_final), X[0]), atol=1e-7)
-    np.testing.assert_allclose(V_T, fd_hessian(jax.jit(toy_final), X[0]), atol=1e-5)
+        np.testing.assert_allclose(c[t], fd_jacobian(toy_cost_z, z, t), atol=1e-7)
+        np.testing.assert_allclose(C[t], fd_hessian(toy_cost_z, z, t), atol=1e-5)
+    V_T, v_T = jax.jit(quadratize_final, static_argnums=0)(toy_final, X[0])
+    np.testing.assert_allclose(v_T, fd_jacobian(toy_final_z, X[0]), atol=1e-7)
+    np.testing.assert_allclose(V_T, fd_hessian(toy_final_z, X[0]), atol=1e-5)
 
 
 def test_ddp_second_order_dynamics_terms_match_finite_differences(x64):
     X, U = toy_points()
-    F, F2 = linearize_second_order(toy_dynamics, X, U)
-    np.testing.assert_allclose(F, linearize(toy_dynamics, X, U), atol=1e-12)
+    F, F2 = jax.jit(linearize_second_order, static_argnums=0)(toy_dynamics, X, U)
+    np.testing.assert_allclose(F, jax.jit(linearize, static_argnums=0)(toy_dynamics, X, U),
+                               atol=1e-12)
     for t in range(len(U)):
-        fun = jax.jit(lambda z: toy_dynamics(z[:3], z[3:], t))
-        np.testing.assert_allclose(F2[t], fd_hessian(fun, np.r_[X[t], U[t]]), atol=1e-5)
+        np.testing.assert_allclose(F2[t], fd_hessian(toy_dynamics_z, np.r_[X[t], U[t]], t),
+                                   atol=1e-5)
     assert np.abs(F2[:, :, 3:, 3:]).max() > 0.01  # f_uu is exercised
 
 
@@ -102,14 +135,21 @@ def test_one_step_ddp_is_a_newton_step_and_ilqr_is_not(x64):
     dynamics' curvature."""
     X, U = toy_points(T=1, seed=2)
     x0, u0 = X[0], U[0]
-    F, F2 = linearize_second_order(toy_dynamics, X, U)
-    C, c = quadratize(toy_cost, X, U)
-    V_T, v_T = quadratize_final(toy_final, toy_dynamics(x0, u0, 0))
-    J = jax.jit(lambda u: toy_cost(x0, u, 0) + toy_final(toy_dynamics(x0, u, 0)))
+
+    @jax.jit
+    def ddp_and_ilqr_steps(X, U):
+        F, F2 = linearize_second_order(toy_dynamics, X, U)
+        C, c = quadratize(toy_cost, X, U)
+        V_T, v_T = quadratize_final(toy_final, toy_dynamics(X[0], U[0], 0))
+        f = jnp.zeros((1, 3))
+        return (backward_pass(F, f, C, c, V_T, v_T, F2=F2).k[0],
+                backward_pass(F, f, C, c, V_T, v_T).k[0])
+
+    def J(u, t):
+        return toy_cost(x0, u, t) + toy_final(toy_dynamics(x0, u, t))
+
     newton = -np.linalg.solve(fd_hessian(J, u0), fd_jacobian(J, u0))
-    f = np.zeros((1, 3))
-    k_ddp = backward_pass(F, f, C, c, V_T, v_T, F2=F2).k[0]
-    k_ilqr = backward_pass(F, f, C, c, V_T, v_T).k[0]
+    k_ddp, k_ilqr = ddp_and_ilqr_steps(X, U)
     np.testing.assert_allclose(k_ddp, newton, atol=1e-6)
     assert np.abs(k_ilqr - newton).max() > 1e-3
 
@@ -117,13 +157,20 @@ def test_one_step_ddp_is_a_newton_step_and_ilqr_is_not(x64):
 def test_adjoint_gradient_matches_finite_differences(x64):
     rng = np.random.default_rng(3)
     x0, U = rng.normal(size=3), 0.3 * rng.normal(size=(8, 2))
-    X = rollout(toy_dynamics, x0, U)
-    F = linearize(toy_dynamics, X[:-1], U)
-    _, c = quadratize(toy_cost, X[:-1], U)
-    _, v_T = quadratize_final(toy_final, X[-1])
-    objective = jax.jit(lambda flat: trajax_objective(
-        toy_cost, rollout(toy_dynamics, x0, flat.reshape(8, 2)), flat.reshape(8, 2), toy_final))
-    np.testing.assert_allclose(gradient(F, c, v_T), fd_jacobian(objective, U.ravel()).reshape(8, 2),
+
+    @jax.jit
+    def adjoint_gradient(U):
+        X = rollout(toy_dynamics, x0, U)
+        F = linearize(toy_dynamics, X[:-1], U)
+        _, c = quadratize(toy_cost, X[:-1], U)
+        _, v_T = quadratize_final(toy_final, X[-1])
+        return gradient(F, c, v_T)
+
+    def objective(flat, t):
+        U = flat.reshape(8, 2)
+        return trajax_objective(toy_cost, rollout(toy_dynamics, x0, U), U, toy_final)
+
+    np.testing.assert_allclose(adjoint_gradient(U), fd_jacobian(objective, U.ravel()).reshape(8, 2),
                                atol=1e-7)
 
 
@@ -224,26 +271,37 @@ def test_swing_up_from_rest(swing_up_systems, name, solver):
         assert abs(x_T[0]) < 0.1
 
 
-def test_vmap_over_x0_matches_single_solves(swing_up_systems):
-    system = swing_up_systems["pendulum"]
-    x0s = jnp.array([[0.0, 0.0], [0.1, 0.0], [-0.1, 0.2]])
-    batch = jax.vmap(lambda x0: solve_swing_up(ilqr, system, x0))(x0s)
-    single = solve_swing_up(ilqr, system, x0s[0])
-    np.testing.assert_allclose(batch.u[0], single.u, rtol=1e-3, atol=1e-3)
+class Toy(eqx.Module):
+    """The toy problem as a module with an array parameter, as a learned model would be."""
+    gain: jax.Array
+
+    def dynamics(self, x, u, t):
+        return toy_dynamics(x, self.gain * u, t)
+
+
+def test_vmap_over_x0_matches_single_solves(x64):
+    toy = Toy(gain=jnp.asarray(1.0))
+    x0s = 0.5 * jax.random.normal(jax.random.key(0), (3, 3))
+    U0 = jnp.zeros((8, 2))
+    batch = jax.vmap(lambda x0: ilqr(toy_cost, toy.dynamics, x0, U0, terminal_cost=toy_final))(x0s)
     assert batch.cost.shape == (3,) and bool(jnp.all(batch.converged))
+    for i, x0 in enumerate(x0s):
+        single = ilqr(toy_cost, toy.dynamics, x0, U0, terminal_cost=toy_final)
+        np.testing.assert_allclose(batch.u[i], single.u, atol=1e-6)
+        np.testing.assert_allclose(batch.cost[i], single.cost, rtol=1e-12)
 
 
-def test_arrays_inside_a_system_are_traced_not_recompiled(swing_up_systems):
+def test_arrays_inside_modules_are_traced_not_recompiled():
     from forethought.control.ilqr import _solve
 
-    pendulum = swing_up_systems["pendulum"]
-    before = None
+    x0, U0 = jnp.ones(3), jnp.zeros((8, 2))
     costs = []
-    for mass in (1.0, 1.2):
-        system = dataclasses.replace(pendulum, mass=jnp.asarray(mass))
-        costs.append(float(solve_swing_up(ilqr, system, system.initial_state()).cost))
-        before = before if before is not None else _solve._cache_size()
-    assert _solve._cache_size() == before
+    for gain in (1.0, 1.5):
+        toy = Toy(gain=jnp.asarray(gain))
+        costs.append(float(ilqr(toy_cost, toy.dynamics, x0, U0, terminal_cost=toy_final).cost))
+        if gain == 1.0:
+            compiled = _solve._cache_size()
+    assert _solve._cache_size() == compiled
     assert costs[0] != costs[1]
 
 
@@ -263,6 +321,7 @@ def test_linear_quadratic_problem_is_solved_in_one_step(x64):
     C_T, c_T = np.eye(n), rng.normal(size=n)
     x0 = rng.normal(size=n)
     reference = lqr(F, f, C, c, x0, C_T, c_T)
+    F, f, C, c, C_T, c_T = map(jnp.asarray, (F, f, C, c, C_T, c_T))
 
     def dynamics(x, u, t):
         return F[t] @ jnp.concatenate([x, u]) + f[t]

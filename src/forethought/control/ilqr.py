@@ -6,7 +6,9 @@ Around the current trajectory `(x̂_t, û_t)` each iteration
    `c_t = d c / d[x; u]`, `C_t = d^2 c / d[x; u]^2` (`jax.hessian`, forward over reverse);
 2. runs the LQR backward pass of `lqr.py` on the deviations `δx_t, δu_t` (with `f_t = 0`: the
    trajectory is feasible), adding `mu I` to `Q_uu` (Levenberg-Marquardt) -> `K_t, k_t`;
-   DDP also adds the second-order dynamics term `sum_i v_{t+1,i} d^2 f_i / d[x; u]^2` to `Q_t`;
+   DDP also adds the second-order dynamics term `sum_i v_{t+1,i} d^2 f_i / d[x; u]^2` to `Q_t`,
+   and where that leaves some `Q_uu + mu I` indefinite (far from a minimum) it takes the iLQR
+   (Gauss-Newton) pass for this iteration rather than a tiny heavily damped step;
 3. rolls out the closed loop `u_t = û_t + α k_t + K_t (x_t - x̂_t)`,
    `x_{t+1} = dynamics(x_t, u_t, t)`, halving `α` from `alpha_0` until the objective strictly
    decreases (line search), or gives up below `alpha_min`.
@@ -46,7 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forethought.control.lqr import backward_pass
+from forethought.control.lqr import backward_pass, dot
 from forethought.control.solution import Solution
 from forethought.errors import ForethoughtError
 
@@ -113,7 +115,7 @@ def gradient(F, c, v_T):
 
     def step(lam, inputs):
         F_t, c_t = inputs
-        g = c_t + F_t.T @ lam
+        g = c_t + dot(F_t.T, lam)
         return g[:n], g[n:]
 
     _, g = jax.lax.scan(step, v_T, (F, c), reverse=True)
@@ -175,9 +177,10 @@ def ddp(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
         reg_factor: float = 10.0) -> Solution:
     """Differential dynamic programming (seed 000, "DDP"): `ilqr` with the second-order
     dynamics term in the backward pass, `Q_t += sum_i v_{t+1,i} F2_t[i]` (`F2` from
-    `linearize_second_order`). Near the optimum it converges like Newton's method on the
-    objective over `U`; an indefinite `Q_uu` far from it raises `mu`. Arguments and result as
-    `ilqr`."""
+    `linearize_second_order`). Near a minimum it converges like Newton's method on the
+    objective over `U` (quadratically, where iLQR's Gauss-Newton steps converge linearly when the
+    residuals are large); an iteration where the term makes `Q_uu + mu I` indefinite takes the
+    iLQR pass instead. Arguments and result as `ilqr`."""
     return _dispatch(cost, dynamics, x0, U0, terminal_cost, maxiter, True, locals())
 
 
@@ -208,21 +211,24 @@ def _dispatch(cost, dynamics, x0, U0, terminal_cost, maxiter, second_order, argu
 
 
 class _Linearization(NamedTuple):
-    F: jax.Array        # [T, n, n+m]
+    F: jax.Array          # [T, n, n+m]
     F2: jax.Array | None  # [T, n, n+m, n+m] (DDP) or None
-    C: jax.Array        # [T, n+m, n+m]
-    c: jax.Array        # [T, n+m]
-    V_T: jax.Array      # [n, n]
-    v_T: jax.Array      # [n]
+    C: jax.Array          # [T, n+m, n+m]
+    c: jax.Array          # [T, n+m]
+    V_T: jax.Array        # [n, n]
+    v_T: jax.Array        # [n]
 
 
 class _State(NamedTuple):
-    X: jax.Array
+    X: jax.Array          # current trajectory [T+1, n] and controls [T, m]
     U: jax.Array
-    J: jax.Array
-    lin: _Linearization
-    grad_norm: jax.Array
-    mu: jax.Array
+    J: jax.Array          # its objective (inf before the first rollout)
+    lin: _Linearization   # derivatives about (X, U)
+    grad_norm: jax.Array  # |dJ/dU| at U
+    mu: jax.Array         # Levenberg-Marquardt term
+    K: jax.Array          # gains of the backward pass about (X, U) with mu
+    k: jax.Array
+    ok: jax.Array         # whether that backward pass found every Q_uu positive definite
     iteration: jax.Array
     converged: jax.Array
     done: jax.Array
@@ -239,6 +245,10 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
     n = x0.shape[0]
     _check_functions(user_cost, user_dynamics, terminal_cost, x0, U0,
                      "ddp" if second_order else "ilqr")
+    if settings["relative_cost_threshold"] is None:
+        settings = {**settings, "relative_cost_threshold": 10 * jnp.finfo(dtype).eps}
+    s = {name: jnp.asarray(value, dtype) for name, value in settings.items()}
+    steps = jnp.arange(T)
 
     # Keep the loop in the solver's dtype whatever constants the functions carry.
     def cost(x, u, t):
@@ -247,17 +257,10 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
     def dynamics(x, u, t):
         return jnp.asarray(user_dynamics(x, u, t), dtype)
 
-    if settings["relative_cost_threshold"] is None:
-        settings = {**settings, "relative_cost_threshold": 10 * jnp.finfo(dtype).eps}
-    s = {name: jnp.asarray(value, dtype) for name, value in settings.items()}
-    steps = jnp.arange(T)
-
-    if terminal_cost is None:
-        def final(x):
+    def final(x):
+        if terminal_cost is None:
             return cost(x, jnp.zeros((m,), dtype), T)
-    else:
-        def final(x):
-            return jnp.asarray(terminal_cost(x), dtype)
+        return jnp.asarray(terminal_cost(x), dtype)
 
     def relinearize(X, U):
         if second_order:
@@ -269,73 +272,89 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
         lin = _Linearization(F=F, F2=F2, C=C, c=c, V_T=V_T, v_T=v_T)
         return lin, jnp.linalg.norm(gradient(F, c, v_T))
 
+    def backward(lin, mu):
+        zeros = jnp.zeros((T, n), dtype)
+        if not second_order:
+            back = backward_pass(lin.F, zeros, lin.C, lin.c, lin.V_T, lin.v_T, mu=mu)
+            return back.K, back.k, back.ok
+
+        # Far from a minimum the second-order term can make Q_uu indefinite for any small mu;
+        # then take this iteration's Gauss-Newton (iLQR) step instead of a tiny damped one. (A
+        # loop of at most two passes rather than a `cond`, so the pass is compiled once.)
+        def attempt(carry):
+            tries, *_ = carry
+            F2 = lin.F2 * (tries == 0).astype(dtype)
+            back = backward_pass(lin.F, zeros, lin.C, lin.c, lin.V_T, lin.v_T, mu=mu, F2=F2)
+            return tries + 1, back.K, back.k, back.ok
+
+        init = (0, jnp.zeros((T, m, n), dtype), jnp.zeros((T, m), dtype), jnp.zeros((), bool))
+        _, K, k, ok = jax.lax.while_loop(lambda c: ~c[3] & (c[0] < 2), attempt, init)
+        return K, k, ok
+
     def forward(X, U, K, k, alpha):
         """Closed-loop rollout `u_t = û_t + α k_t + K_t (x_t - x̂_t)` and its objective."""
         def step(x, inputs):
             x_hat, u_hat, K_t, k_t, t = inputs
-            u = u_hat + alpha * k_t + K_t @ (x - x_hat)
+            u = u_hat + alpha * k_t + dot(K_t, x - x_hat)
             return dynamics(x, u, t), (x, u, cost(x, u, t))
 
         x_T, (X_new, U_new, costs) = jax.lax.scan(step, x0, (X[:-1], U, K, k, steps))
         return jnp.concatenate([X_new, x_T[None]]), U_new, costs.sum() + final(x_T)
 
-    def line_search(X, U, J, K, k, ok):
+    def line_search(state):
         def searching(carry):
             alpha, *_, accepted = carry
-            return ok & ~accepted & (alpha >= s["alpha_min"])
+            return state.ok & ~accepted & (alpha >= s["alpha_min"])
 
         def attempt(carry):
             alpha = carry[0]
-            X_new, U_new, J_new = forward(X, U, K, k, alpha)
-            accepted = J_new < J  # False for NaN
-            return (jnp.where(accepted, alpha, alpha * s["alpha_shrink"]), X_new, U_new, J_new,
-                    accepted)
+            X, U, J = forward(state.X, state.U, state.K, state.k, alpha)
+            accepted = J < state.J  # False for NaN
+            return jnp.where(accepted, alpha, alpha * s["alpha_shrink"]), X, U, J, accepted
 
-        init = (s["alpha_0"], X, U, J, jnp.zeros((), bool))
-        _, X_new, U_new, J_new, accepted = jax.lax.while_loop(searching, attempt, init)
-        return (jnp.where(accepted, X_new, X), jnp.where(accepted, U_new, U),
-                jnp.where(accepted, J_new, J), accepted)
-
-    def backward(lin, mu):
-        zeros = jnp.zeros((T, n), dtype)
-        back = backward_pass(lin.F, zeros, lin.C, lin.c, lin.V_T, lin.v_T, mu=mu, F2=lin.F2)
-        if second_order:
-            # Far from a minimum the second-order term can make Q_uu indefinite for any small mu;
-            # then take this iteration's Gauss-Newton (iLQR) step instead of a tiny damped one.
-            back = jax.lax.cond(back.ok, lambda: back, lambda: backward_pass(
-                lin.F, zeros, lin.C, lin.c, lin.V_T, lin.v_T, mu=mu))
-        return back
+        init = (s["alpha_0"], state.X, state.U, state.J, jnp.zeros((), bool))
+        _, X, U, J, accepted = jax.lax.while_loop(searching, attempt, init)
+        return (jnp.where(accepted, X, state.X), jnp.where(accepted, U, state.U),
+                jnp.where(accepted, J, state.J), accepted)
 
     def iteration(state):
-        back = backward(state.lin, state.mu)
-        X, U, J, accepted = line_search(state.X, state.U, state.J, back.K, back.k, back.ok)
-        lin, grad_norm = jax.lax.cond(accepted, relinearize, lambda X, U: (state.lin,
-                                                                           state.grad_norm), X, U)
-        decrease = (state.J - J) / jnp.maximum(jnp.abs(state.J), jnp.finfo(dtype).tiny)
+        # The first pass starts from J = inf and zero gains: its "line search" is the rollout of
+        # U0, which it accepts unless that is NaN. Every later pass is one iLQR/DDP iteration.
+        first = state.J == jnp.inf
+        X, U, J, accepted = line_search(state)
+        lin, grad_norm = jax.lax.cond(accepted, relinearize,
+                                      lambda X, U: (state.lin, state.grad_norm), X, U)
         mu_down = state.mu / s["reg_factor"]
         mu = jnp.where(accepted, jnp.where(mu_down < s["reg_min"], 0.0, mu_down),
                        jnp.maximum(state.mu * s["reg_factor"], s["reg_min"]))
+        mu = jnp.where(first, state.mu, mu)
+        K, k, ok = backward(lin, mu)
+        decrease = (state.J - J) / jnp.maximum(jnp.abs(state.J), jnp.finfo(dtype).tiny)
         converged = ((grad_norm <= s["grad_norm_threshold"])
-                     | (accepted & (decrease <= s["relative_cost_threshold"])))
-        return _State(X=X, U=U, J=J, lin=lin, grad_norm=grad_norm, mu=mu,
-                      iteration=state.iteration + 1, converged=converged,
-                      done=converged | (mu > s["reg_max"]),
-                      history=state.history.at[state.iteration].set(J))
+                     | (accepted & ~first & (decrease <= s["relative_cost_threshold"])))
+        history = jnp.where(first, state.history, state.history.at[state.iteration].set(J))
+        return _State(X=X, U=U, J=J, lin=lin, grad_norm=grad_norm, mu=mu, K=K, k=k, ok=ok,
+                      iteration=state.iteration + (~first).astype(jnp.int32),
+                      converged=converged,
+                      done=converged | (mu > s["reg_max"]) | (first & ~accepted),
+                      history=history)
 
-    X0 = rollout(dynamics, x0, U0)
-    lin0, grad_norm0 = relinearize(X0, U0)
-    J0 = jax.vmap(cost)(X0[:-1], U0, steps).sum() + final(X0[-1])
-    converged0 = grad_norm0 <= s["grad_norm_threshold"]
-    init = _State(X=X0, U=U0, J=J0, lin=lin0, grad_norm=grad_norm0, mu=s["reg_init"],
-                  iteration=jnp.zeros((), jnp.int32), converged=converged0, done=converged0,
+    nm = n + m
+    lin0 = _Linearization(
+        F=jnp.zeros((T, n, nm), dtype), F2=jnp.zeros((T, n, nm, nm), dtype) if second_order
+        else None, C=jnp.zeros((T, nm, nm), dtype), c=jnp.zeros((T, nm), dtype),
+        V_T=jnp.zeros((n, n), dtype), v_T=jnp.zeros((n,), dtype))
+    init = _State(X=jnp.zeros((T + 1, n), dtype), U=U0, J=jnp.asarray(jnp.inf, dtype), lin=lin0,
+                  grad_norm=jnp.asarray(jnp.inf, dtype), mu=s["reg_init"],
+                  K=jnp.zeros((T, m, n), dtype), k=jnp.zeros((T, m), dtype),
+                  ok=jnp.ones((), bool), iteration=jnp.zeros((), jnp.int32),
+                  converged=jnp.zeros((), bool), done=jnp.zeros((), bool),
                   history=jnp.zeros((maxiter,), dtype))
     out = jax.lax.while_loop(lambda st: ~st.done & (st.iteration < maxiter), iteration, init)
-
-    # The gains about the returned trajectory (the last loop's were about the previous one).
-    back = backward(out.lin, out.mu)
+    # The loop ends on a backward pass about the returned trajectory, so K, k belong to it.
     history = jnp.where(jnp.arange(maxiter) < out.iteration, out.history, out.J)
     return Solution(x=out.X, u=out.U, cost=out.J, iterations=out.iteration,
-                    converged=out.converged, K=back.K, k=back.k, history=history)
+                    converged=out.converged, K=out.K, k=out.k, history=history)
 
 
 def _check_functions(cost, dynamics, terminal_cost, x0, U0, where):

@@ -158,6 +158,7 @@ def solve_positive_definite(A, B, *, unroll_below: int = 8):
     return jnp.stack(X), ok
 
 
+@jax.jit
 def lqr_rollout(K, k, F, f, x0, key=None, noise_cov=None):
     """Run `u_t = K_t x_t + k_t` through `x_{t+1} = F_t [x_t; u_t] + f_t (+ w_t)`.
 
@@ -209,6 +210,7 @@ def lqr_objective(C, c, x, u, C_T=None, c_T=None):
     return total
 
 
+@jax.jit
 def lqr_backward(F, f, C, c, C_T=None, c_T=None) -> BackwardPass:
     """The note's backward recursion for the problem in the module docstring: gains `K, k` and
     the value function `V, v, s`. Shapes as in `lqr`."""
