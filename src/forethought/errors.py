@@ -32,11 +32,14 @@ def check_array(value: Any, name: str, shape: tuple[int, ...], *, where: str = "
 
 
 def check_finite(value: Any, name: str, *, where: str = "") -> None:
-    """Raise if a concrete (NumPy) array holds NaN or inf."""
+    """Raise if a concrete (NumPy) array holds NaN or inf, saying how many and where the first is."""
     array = np.asarray(value)
-    if not np.all(np.isfinite(array)):
+    bad = ~np.isfinite(array)
+    if bad.any():
         prefix = f"{where}: " if where else ""
-        raise ForethoughtError(f"{prefix}{name} must be finite, got {array.tolist()}")
+        first = tuple(int(i) for i in np.argwhere(bad)[0]) if array.ndim else ()
+        raise ForethoughtError(f"{prefix}{name} must be finite, got {int(bad.sum())} NaN or inf "
+                               f"value(s), the first at index {first}")
 
 
 def check_choice(value: str, name: str, choices: list[str] | tuple[str, ...]) -> None:

@@ -105,7 +105,7 @@ def test_bad_data_is_refused_with_a_clear_message():
     model = Ensemble.create(EnsembleSpec(1, 1, members=2, hidden=8, layers=1), jax.random.key(0))
     x, u, nx = noisy_sine(50, 0)
     x[3, 0] = np.nan
-    with pytest.raises(ForethoughtError, match="obs holds 1 NaN"):
+    with pytest.raises(ForethoughtError, match="fit: obs must be finite, got 1 NaN or inf value"):
         fit(model, x, u, nx, jax.random.key(0))
     with pytest.raises(ForethoughtError, match=r"obs/next_obs \[N, 1\]"):
         fit(model, np.zeros((5, 2)), u[:5], nx[:5], jax.random.key(0))

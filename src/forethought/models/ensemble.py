@@ -17,14 +17,12 @@ Probabilistic members add their predicted noise to each particle; deterministic 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Callable, Literal
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from forethought.errors import ForethoughtError
 from forethought.models.normalize import Normalizer
@@ -224,12 +222,3 @@ def particle_cost(cost: Callable) -> Callable:
 
 def particle_terminal_cost(terminal_cost: Callable) -> Callable:
     return lambda X: jnp.mean(jax.vmap(terminal_cost)(X))
-
-
-def check_finite_data(name: str, array: np.ndarray) -> None:
-    if not np.all(np.isfinite(np.asarray(array))):
-        bad = int(np.sum(~np.isfinite(np.asarray(array))))
-        raise ForethoughtError(f"cannot fit the model: {name} holds {bad} NaN or inf values")
-
-
-_ = json  # the spec travels as JSON inside the checkpoint's metadata

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from forethought.errors import ForethoughtError
-from forethought.models.ensemble import Ensemble, Network, check_finite_data, state_features
+from forethought.errors import ForethoughtError, check_finite
+from forethought.models.ensemble import Ensemble, Network, state_features
 from forethought.models.normalize import Normalizer
 
 
@@ -171,7 +171,7 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
     if N < 2:
         raise ForethoughtError(f"fit: need at least 2 transitions, got {N}")
     for name, array in (("obs", obs), ("action", action), ("next_obs", next_obs)):
-        check_finite_data(name, array)
+        check_finite(array, name, where="fit")
 
     features = np.concatenate([np.asarray(state_features(jnp.asarray(obs), spec.angles)), action], axis=1)
     targets = next_obs - obs

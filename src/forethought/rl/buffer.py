@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from forethought.errors import ForethoughtError
+from forethought.errors import ForethoughtError, check_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +71,7 @@ class ReplayBuffer:
                 f"add_episode: expected obs [T+1, {self.obs_dim}] and actions [T, {self.action_dim}] "
                 f"with T = len(rewards) = {T}, got obs {obs.shape} and actions {actions.shape}")
         for name, array in (("obs", obs), ("actions", actions), ("rewards", rewards)):
-            if not np.all(np.isfinite(array)):
-                raise ForethoughtError(f"add_episode: {name} contain NaN or inf")
+            check_finite(array, name, where="add_episode")
         done = np.zeros(T, bool)
         done[-1:] = terminated
         self._episode_starts.append(self._size)
