@@ -124,3 +124,24 @@ def test_resume_refuses_another_agents_folder(tmp_path, capsys):
     (tmp_path / "r" / "config.json").write_text(json.dumps({"agent": "pets", "env": "pendulum", "seed": 0}))
     assert main(["run", "random", "--resume", str(tmp_path / "r")]) == 2
     assert "agent 'pets'" in capsys.readouterr().err
+
+
+def test_plan_solves_the_acrobot_and_writes_its_pictures(tmp_path, capsys):
+    out = tmp_path / "plan"
+    assert main(["plan", "ilqr", "--system", "acrobot", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["objective"] < 51.0 and summary["horizon"] == 50
+    for name in ("solution.npz", "trajectory.png", "cost.png", "system.gif"):
+        assert (out / name).stat().st_size > 0
+    assert "objective" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["plan", "lqg"], "unknown planning method 'lqg'"),
+    (["plan", "ilqr", "--system", "dyna-maze"], "continuous system"),
+    (["plan", "ilqr", "--system", "pendulm"], "unknown system"),
+])
+def test_plan_errors(tmp_path, capsys, args, message):
+    assert main(args + ["--out", str(tmp_path / "p")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()

@@ -4,6 +4,7 @@
     forethought run AGENT --env ENV [--seed S] [--episodes N] [--out DIR] [agent flags]
     forethought run AGENT --resume RUN_DIR    continue a killed run from its last checkpoint
     forethought plot RUN_DIR... [--out PNG] [--x env_steps|episode] [--y return]
+    forethought plan METHOD --system NAME     solve a system's problem: trajectory, GIF, cost per iteration
 
 Agent flags come from the agent's `Config` dataclass (`forethought run AGENT --help` lists them).
 User mistakes print one line on stderr and exit with status 2; nothing half-written is left.
@@ -46,6 +47,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--env-layout", type=Path, default=None, metavar="FILE",
                      help="maze layout file for --env maze (# wall, . free, S start, G goal)")
     run.add_argument("-h", "--help", action="store_true", help="show this help and the agent's flags")
+
+    plan = commands.add_parser("plan", help="solve a system's control problem and plot it")
+    plan.add_argument("method", help="ilqr, ddp, collocation, cem, mppi or random")
+    plan.add_argument("--system", default="pendulum", help="built-in continuous system (default: pendulum)")
+    plan.add_argument("--horizon", type=int, default=None, help="steps (default: the system's horizon)")
+    plan.add_argument("--seed", type=int, default=0, help="random seed of the sampling planners")
+    plan.add_argument("--out", type=Path, default=None, help="output folder (default: runs/plan-METHOD-SYSTEM-TIME)")
 
     plot = commands.add_parser("plot", help="plot learning curves of run folders")
     plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -202,6 +210,23 @@ def _run_help() -> str:
     return help_text.replace("usage: forethought run", "usage: forethought run AGENT", 1)
 
 
+def cmd_plan(options: argparse.Namespace) -> int:
+    from forethought import systems
+    from forethought._jax import enable_compilation_cache
+    from forethought.experiment.plan import record, solver
+    from forethought.experiment.run import default_run_dir
+
+    solver(options.method)  # an unknown method fails before anything is built
+    system = systems.make(options.system)
+    out = options.out or default_run_dir(f"plan-{options.method}", options.system)
+    enable_compilation_cache()
+    summary = record(options.method, system, out, seed=options.seed, horizon=options.horizon)
+    print(f"{options.method} on {options.system}: objective {summary['objective']:.6g} after "
+          f"{summary['iterations']} iterations in {summary['solve_seconds'] * 1000:.1f} ms "
+          f"(compile {summary['compile_seconds']:.1f} s) -> {out}")
+    return 0
+
+
 def cmd_plot(options: argparse.Namespace) -> int:
     from forethought.experiment.plot import learning_curves
 
@@ -235,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_list()
         if options.command == "plot":
             return cmd_plot(options)
+        if options.command == "plan":
+            return cmd_plan(options)
         return cmd_run(options, rest)
     except ForethoughtError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

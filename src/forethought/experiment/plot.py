@@ -60,11 +60,7 @@ def load_runs(run_dirs: Sequence[Path]) -> list[tuple[dict, dict[str, list[float
 def learning_curves(run_dirs: Sequence[Path], out: Path, *, x: str = "env_steps",
                     y: str = "return", title: str | None = None) -> Path:
     """Plot `y` against `x` for `run_dirs` to the PNG `out`; returns `out`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     runs = load_runs(run_dirs)
     groups: dict[str, list[tuple[dict, dict]]] = {}
     for config, metrics in runs:
@@ -93,10 +89,64 @@ def learning_curves(run_dirs: Sequence[Path], out: Path, *, x: str = "env_steps"
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
+    return _save(fig, out)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out: Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
+    _pyplot().close(fig)
     tmp.replace(out)
     return out
+
+
+def trajectory(system, X: np.ndarray, U: np.ndarray, out: Path, title: str = "") -> Path:
+    """States (one panel each) and actions against time, in seconds."""
+    plt = _pyplot()
+    n, m = X.shape[1], U.shape[1]
+    t = np.arange(len(X)) * float(system.dt)
+    fig, axes = plt.subplots(n + m, 1, figsize=(7, 1.6 * (n + m) + 0.6), dpi=110, sharex=True)
+    names = list(getattr(system, "state_names", [f"x{i}" for i in range(n)]))
+    for i in range(n):
+        axes[i].plot(t, X[:, i], color="C0")
+        axes[i].set_ylabel(names[i], fontsize=8)
+    action_names = list(getattr(system, "action_names", [f"u{j}" for j in range(m)]))
+    for j in range(m):
+        ax = axes[n + j]
+        ax.step(t[:-1], U[:, j], where="post", color="C3")
+        ax.axhline(float(system.action_low[j]), color="grey", lw=0.8, ls="--")
+        ax.axhline(float(system.action_high[j]), color="grey", lw=0.8, ls="--")
+        ax.set_ylabel(action_names[j], fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[-1].set_xlabel("time (s)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def cost_history(history: np.ndarray, out: Path, title: str = "") -> Path:
+    """Objective per solver iteration (log scale when it spans more than a decade)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(np.arange(1, len(history) + 1), history, marker="o", markersize=3)
+    positive = history[np.isfinite(history)]
+    if positive.size and positive.min() > 0 and positive.max() / positive.min() > 10:
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("objective")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, out)
