@@ -5,6 +5,7 @@
     forethought run AGENT --resume RUN_DIR    continue a killed run from its last checkpoint
     forethought plot RUN_DIR... [--out PNG] [--x env_steps|episode] [--y return]
     forethought plan METHOD --system NAME     solve a system's problem: trajectory, GIF, cost per iteration
+    forethought bench [NAME] [benchmark flags] run benchmarks/NAME.py -> benchmarks/results/NAME.{json,png}
 
 Agent flags come from the agent's `Config` dataclass (`forethought run AGENT --help` lists them).
 User mistakes print one line on stderr and exit with status 2; nothing half-written is left.
@@ -54,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--horizon", type=int, default=None, help="steps (default: the system's horizon)")
     plan.add_argument("--seed", type=int, default=0, help="random seed of the sampling planners")
     plan.add_argument("--out", type=Path, default=None, help="output folder (default: runs/plan-METHOD-SYSTEM-TIME)")
+
+    bench = commands.add_parser("bench", help="run a benchmark from benchmarks/ (JSON and plot to benchmarks/results/)")
+    bench.add_argument("name", nargs="?", help="benchmark name (benchmarks/NAME.py); none lists them")
+    bench.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
 
     plot = commands.add_parser("plot", help="plot learning curves of run folders")
     plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
@@ -227,6 +232,36 @@ def cmd_plan(options: argparse.Namespace) -> int:
     return 0
 
 
+def benchmarks_dir() -> Path:
+    """`./benchmarks` when run from the project root, else the one beside the source tree."""
+    here = Path.cwd() / "benchmarks"
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def cmd_bench(options: argparse.Namespace, rest: list[str]) -> int:
+    import importlib.util
+
+    folder = benchmarks_dir()
+    available = sorted(p.stem for p in folder.glob("*.py") if not p.stem.startswith("_")) if folder.is_dir() else []
+    if options.name is None:
+        print("benchmarks:" if available else f"no benchmarks in {folder}")
+        for name in available:
+            print(f"  {name}")
+        return 0
+    name = options.name.replace("-", "_")
+    if name not in available:
+        raise UsageError(f"unknown benchmark {options.name!r}; expected one of: {', '.join(available) or 'none'} "
+                         f"(in {folder})")
+    spec = importlib.util.spec_from_file_location(f"forethought_bench_{name}", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    out = options.out or folder / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    return int(module.main(out, rest) or 0)
+
+
 def cmd_plot(options: argparse.Namespace) -> int:
     from forethought.experiment.plot import learning_curves
 
@@ -254,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command is None:
             parser.print_help()
             return 2
-        if options.command != "run" and rest:
+        if options.command not in ("run", "bench") and rest:
             raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
         if options.command == "list":
             return cmd_list()
@@ -262,6 +297,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plot(options)
         if options.command == "plan":
             return cmd_plan(options)
+        if options.command == "bench":
+            return cmd_bench(options, rest)
         return cmd_run(options, rest)
     except ForethoughtError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
