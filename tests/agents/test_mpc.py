@@ -97,3 +97,33 @@ def test_gymnasium_envs_without_a_cost_are_refused_clearly():
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ForethoughtError, match=message):
         mpc.PETSConfig(**{**SMALL, field: value})
+
+
+def test_a_run_cut_off_mid_episode_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    from forethought.experiment.run import Run, read_metrics
+
+    config = mpc.NaiveConfig(episodes=3, **SMALL)
+
+    def new_run(name):
+        return Run.create(tmp_path / name, {"agent": "mpc", "env": "double-integrator", "seed": 0})
+
+    mpc.train(config, SystemEnv(SYSTEM), jax.random.key(5), new_run("full"))
+
+    real_run_episode = mpc.run_episode
+    calls = {"n": 0}
+
+    def dying_run_episode(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # killed during the third episode
+        return real_run_episode(*args, **kwargs)
+
+    monkeypatch.setattr(mpc, "run_episode", dying_run_episode)
+    with pytest.raises(KeyboardInterrupt):
+        mpc.train(config, SystemEnv(SYSTEM), jax.random.key(5), new_run("cut"))
+    monkeypatch.setattr(mpc, "run_episode", real_run_episode)
+    assert len(read_metrics(tmp_path / "cut")["episode"]) == 2
+    mpc.train(config, SystemEnv(SYSTEM), jax.random.key(5), Run.open(tmp_path / "cut"))
+    full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert resumed["return"] == full["return"]
+    assert resumed["model_holdout_loss"][:2] == full["model_holdout_loss"][:2]
