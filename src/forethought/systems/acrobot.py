@@ -120,13 +120,8 @@ class Acrobot(ContinuousSystem):
         delta = x - self.goal.astype(x.dtype)
         return 0.5 * self.terminal_weight * jnp.dot(delta, delta)
 
-    @property
-    def action_low(self):
-        return -jnp.full((1,), self.max_torque)
-
-    @property
-    def action_high(self):
-        return jnp.full((1,), self.max_torque)
+    def _action_limit(self):
+        return self.max_torque
 
     def initial_state(self, key=None):
         return self._gaussian_start(jnp.zeros(4), self.init_std, key)

@@ -58,13 +58,17 @@ class System(eqx.Module):
     def _terminal_cost(self, x):
         return jnp.zeros((), x.dtype)
 
-    @property
-    def action_low(self) -> jax.Array:
+    def _action_limit(self):
+        """The bound `b` of symmetric actions, `u` in `[-b, b]` (or override `action_low/high`)."""
         raise NotImplementedError
 
     @property
+    def action_low(self) -> jax.Array:
+        return -self.action_high
+
+    @property
     def action_high(self) -> jax.Array:
-        raise NotImplementedError
+        return jnp.full((self.action_dim,), self._action_limit())
 
     def initial_state(self, key=None) -> jax.Array:
         raise NotImplementedError

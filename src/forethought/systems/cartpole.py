@@ -150,13 +150,8 @@ class CartPole(ContinuousSystem):
             return self._state_cost(x)
         return quadratic(self.error(x), self.terminal_weights)
 
-    @property
-    def action_low(self):
-        return -jnp.full((1,), self.max_force)
-
-    @property
-    def action_high(self):
-        return jnp.full((1,), self.max_force)
+    def _action_limit(self):
+        return self.max_force
 
     def initial_state(self, key=None):
         return self._gaussian_start(jnp.zeros(4), self.init_std, key)

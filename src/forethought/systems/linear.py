@@ -42,13 +42,8 @@ class LinearSystem(System):
     def _terminal_cost(self, x):
         return 0.5 * x @ self.Qf @ x
 
-    @property
-    def action_low(self):
-        return -jnp.full((self.action_dim,), self.max_action)
-
-    @property
-    def action_high(self):
-        return jnp.full((self.action_dim,), self.max_action)
+    def _action_limit(self):
+        return self.max_action
 
     def initial_state(self, key=None):
         return self._gaussian_start(self.initial_mean, self.init_std, key)

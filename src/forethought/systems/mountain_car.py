@@ -78,13 +78,8 @@ class MountainCar(System):
         running = self.step_cost + self.action_weight * jnp.sum(u * u)
         return jnp.where(self.is_terminal(x), 0.0, running).astype(x.dtype)
 
-    @property
-    def action_low(self):
-        return -jnp.full((1,), self.max_action)
-
-    @property
-    def action_high(self):
-        return jnp.full((1,), self.max_action)
+    def _action_limit(self):
+        return self.max_action
 
     def initial_state(self, key=None):
         dtype = jnp.result_type(float)

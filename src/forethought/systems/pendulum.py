@@ -68,13 +68,8 @@ class Pendulum(ContinuousSystem):
     def _terminal_cost(self, x):
         return quadratic(self.error(x), self.terminal_weights)
 
-    @property
-    def action_low(self):
-        return -jnp.full((1,), self.max_torque)
-
-    @property
-    def action_high(self):
-        return jnp.full((1,), self.max_torque)
+    def _action_limit(self):
+        return self.max_torque
 
     def initial_state(self, key=None):
         return self._gaussian_start(jnp.zeros(2), self.init_std, key)
