@@ -113,3 +113,23 @@ def test_bad_data_is_refused_with_a_clear_message():
         EnsembleSpec(1, 1, members=2, elites=3)
     with pytest.raises(ForethoughtError, match="multiple of the number of elites"):
         model.as_dynamics(jax.random.key(0), particles=3)
+
+
+def test_open_loop_error_grows_with_the_horizon_and_is_zero_for_a_perfect_model(fitted):
+    from forethought.models.train import open_loop_error
+
+    model, _ = fitted
+    rng = np.random.default_rng(4)
+    actions = rng.uniform(-1, 1, (40, 1)).astype(np.float32)
+    # a real episode of the noise-free system: it settles near the stable point pi
+    actions *= 0.2
+    x = [np.array([-2.5], np.float32)]
+    for u in actions:
+        x.append(x[-1] + np.sin(x[-1]) + 0.5 * u)
+    obs = np.stack(x)
+    errors = open_loop_error(model, obs, actions, horizon=5)
+    assert errors.shape == (5,)
+    assert errors[0] < 0.15
+    assert errors[-1] >= errors[0]
+    with pytest.raises(ForethoughtError, match="horizon"):
+        open_loop_error(model, obs, actions, horizon=41)

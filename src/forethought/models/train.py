@@ -245,3 +245,36 @@ def evaluate(model: Ensemble, obs, action, next_obs) -> dict[str, float]:
     return {"nll": float(nll), "mse": float(jnp.mean(err**2)),
             "within_1sigma": float(jnp.mean(z <= 1.0)), "within_2sigma": float(jnp.mean(z <= 2.0)),
             "epistemic_std": float(jnp.mean(jnp.sqrt(means.var(0))))}
+
+
+def open_loop_error(model: Ensemble, obs, action, horizon: int = 10) -> np.ndarray:
+    """Multi-step error of one episode (`obs [T+1, n]`, `action [T, m]`): from every start `t`
+    with `t + horizon <= T`, roll the elites' mean prediction open loop along the real actions
+    and compare with the real states. Returns the root-mean-square error `[horizon]` after
+    1, ..., `horizon` steps (averaged over starts and state dimensions)."""
+    obs, action = jnp.asarray(obs, jnp.float32), jnp.asarray(action, jnp.float32)
+    if action.ndim == 1:
+        action = action[:, None]
+    T = action.shape[0]
+    if obs.shape[0] != T + 1:
+        raise ForethoughtError(f"open_loop_error: obs must have one more row than action, got {obs.shape[0]} and {T}")
+    if not 1 <= horizon <= T:
+        raise ForethoughtError(f"open_loop_error: horizon must be in 1..{T}, got {horizon}")
+    return np.asarray(_open_loop_rmse(model, obs, action, horizon))
+
+
+@eqx.filter_jit
+def _open_loop_rmse(model, obs, action, horizon):
+    step = model.as_dynamics(jax.random.key(0), particles=1, propagation="expectation")
+    starts = jnp.arange(action.shape[0] - horizon + 1)
+
+    def from_start(t):
+        def one(x, k):
+            x = step(x, jax.lax.dynamic_index_in_dim(action, t + k, keepdims=False), k)
+            return x, x[0]
+
+        _, predicted = jax.lax.scan(one, obs[t][None], jnp.arange(horizon))
+        real = jax.lax.dynamic_slice_in_dim(obs, t + 1, horizon)
+        return jnp.mean((predicted - real) ** 2, axis=-1)
+
+    return jnp.sqrt(jnp.mean(jax.vmap(from_start)(starts), axis=0))
