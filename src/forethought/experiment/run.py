@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from forethought._io import atomic_write_text
 from forethought.errors import ForethoughtError
-from forethought.experiment import checkpoint
+from forethought import checkpoint
 from forethought.experiment.log import ProgressBar
 
 CONFIG = "config.json"
@@ -77,7 +78,7 @@ class Run:
         path.mkdir(parents=True, exist_ok=True)
         config = {**config, "created": _dt.datetime.now().isoformat(timespec="seconds"),
                   "environment": environment_info()}
-        checkpoint.atomic_write_text(path / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
+        atomic_write_text(path / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
         run = cls(path, config)
         run.event("start")
         return run
@@ -166,7 +167,7 @@ class Run:
         complete = [line for line in lines if line.endswith("\n")]
         keep = complete[: rows + 1] if complete else []
         if keep != lines:
-            checkpoint.atomic_write_text(path, "".join(keep))
+            atomic_write_text(path, "".join(keep))
         self._columns = next(csv.reader(keep)) if keep else None
         self._rows = max(len(keep) - 1, 0)
 

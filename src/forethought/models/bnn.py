@@ -53,13 +53,12 @@ from typing import Callable
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from forethought.errors import ForethoughtError, check_finite
+from forethought.errors import ForethoughtError
 from forethought.models.ensemble import _ACTIVATIONS, Ensemble, EnsembleSpec, Network, Propagation, state_features
 from forethought.models.normalize import Normalizer
-from forethought.models.train import FitReport, _bucket, _optimizer, _pad, gaussian_nll
+from forethought.models.train import FitReport, _optimizer, gaussian_nll, prepare
 from forethought.models.train import evaluate as evaluate_ensemble
 
 
@@ -282,13 +281,13 @@ class BNN(eqx.Module):
     # ----- persistence ---------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Arrays to an `.npz` with the spec as JSON metadata (no pickle), atomically."""
-        from forethought.experiment.checkpoint import save
+        from forethought.checkpoint import save
 
         save(Path(path), self, {"kind": "bnn", "spec": dataclasses.asdict(self.spec)})
 
     @classmethod
     def load(cls, path: Path) -> "BNN":
-        from forethought.experiment.checkpoint import load, load_meta
+        from forethought.checkpoint import load, load_meta
 
         meta = load_meta(Path(path))
         if meta.get("kind") != "bnn":
@@ -363,38 +362,12 @@ def fit(model: BNN, obs, action, next_obs, key: jax.Array,
     `log 2 pi` constant; `member_holdout` holds the best held-out value.
     Raises `ForethoughtError` on NaN/inf data, wrong shapes, or a non-finite loss.
     """
-    spec = model.spec
-    obs, action, next_obs = (np.asarray(a, np.float32) for a in (obs, action, next_obs))
-    if action.ndim == 1:
-        action = action[:, None]
-    N = len(obs)
-    if obs.shape != (N, spec.state_dim) or next_obs.shape != (N, spec.state_dim) or action.shape != (N, spec.action_dim):
-        raise ForethoughtError(f"fit: expected obs/next_obs [N, {spec.state_dim}] and action [N, {spec.action_dim}], "
-                               f"got {obs.shape}, {next_obs.shape}, {action.shape}")
-    if N < 2:
-        raise ForethoughtError(f"fit: need at least 2 transitions, got {N}")
-    for name, array in (("obs", obs), ("action", action), ("next_obs", next_obs)):
-        check_finite(array, name, where="fit")
-
-    features = np.concatenate([np.asarray(state_features(jnp.asarray(obs), spec.angles)), action], axis=1)
-    targets = next_obs - obs
-    model = eqx.tree_at(lambda m: (m.input_norm, m.target_norm), model,
-                        (Normalizer.fit(jnp.asarray(features)), Normalizer.fit(jnp.asarray(targets))))
-    z_all = np.asarray(model.input_norm(jnp.asarray(features)))
-    y_all = np.asarray(model.target_norm(jnp.asarray(targets)))
-
     key, split_key, hold_key = jax.random.split(key, 3)
-    perm = np.asarray(jax.random.permutation(split_key, N))
-    n_hold = int(round(config.holdout * N)) if N >= 10 else 0
-    hold, train = perm[:n_hold], perm[n_hold:]
-    if n_hold == 0:  # too little data to hold any out: stop on the training data itself
-        hold = train
-    C, H = _bucket(len(train)), _bucket(len(hold))
-    z_train, y_train = jnp.asarray(_pad(z_all[train], C)), jnp.asarray(_pad(y_all[train], C))
-    z_hold, y_hold = jnp.asarray(_pad(z_all[hold], H)), jnp.asarray(_pad(y_all[hold], H))
-    hold_mask = jnp.arange(H) < len(hold)
+    data = prepare(model.spec, obs, action, next_obs, split_key, config.holdout)
+    model = eqx.tree_at(lambda m: (m.input_norm, m.target_norm), model, (data.input_norm, data.target_norm))
+    z_train, y_train, z_hold, y_hold, hold_mask = data.z_train, data.y_train, data.z_hold, data.y_hold, data.hold_mask
 
-    n_data = jnp.float32(len(train))
+    n_data = jnp.float32(data.n_train)
     optimizer = _optimizer(config.learning_rate, 0.0)  # Adam: the prior is the regulariser
     params, static = eqx.partition(model.posterior, eqx.is_array)
     opt_state = optimizer.init(params)
@@ -405,7 +378,7 @@ def fit(model: BNN, obs, action, next_obs, key: jax.Array,
     for epoch in range(config.max_epochs):
         key, epoch_key = jax.random.split(key)
         params, opt_state, train_loss = _epoch(model, params, opt_state, z_train, y_train,
-                                               jnp.int32(len(train)), epoch_key, optimizer, config.batch_size,
+                                               jnp.int32(data.n_train), epoch_key, optimizer, config.batch_size,
                                                config.kl_weight, config.logvar_bound_weight)
         loss = float(_holdout(model, params, z_hold, y_hold, hold_mask, hold_key, n_data, config.kl_weight))
         if not (math.isfinite(loss) and math.isfinite(float(train_loss))):

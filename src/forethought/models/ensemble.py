@@ -187,13 +187,13 @@ class Ensemble(eqx.Module):
     # ----- persistence ---------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Arrays to an `.npz` with the spec as JSON metadata (no pickle), atomically."""
-        from forethought.experiment.checkpoint import save
+        from forethought.checkpoint import save
 
         save(Path(path), self, {"kind": "ensemble", "spec": dataclasses.asdict(self.spec)})
 
     @classmethod
     def load(cls, path: Path) -> "Ensemble":
-        from forethought.experiment.checkpoint import load, load_meta
+        from forethought.checkpoint import load, load_meta
 
         meta = load_meta(Path(path))
         if meta.get("kind") != "ensemble":

@@ -447,7 +447,7 @@ class GP(eqx.Module):
         """
         m = jnp.asarray(m, self.X.dtype)
         S = jnp.asarray(S, self.X.dtype)
-        D, d = self.spec.input_dim, self.spec.output_dim
+        D = self.spec.input_dim
         if m.shape != (D,) or S.shape != (D, D):
             raise ForethoughtError(f"GP.moment_match: m must have shape ({D},) and S ({D}, {D}), "
                                    f"got {m.shape} and {S.shape}")
@@ -521,14 +521,14 @@ class GP(eqx.Module):
     # ----- persistence ----------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Arrays to an `.npz` with the spec as JSON metadata (no pickle), atomically."""
-        from forethought.experiment.checkpoint import save
+        from forethought.checkpoint import save
 
         spec = dataclasses.asdict(self.spec)
         save(Path(path), self, {"kind": "gp", "spec": spec, "dtype": str(self.X.dtype)})
 
     @classmethod
     def load(cls, path: Path) -> "GP":
-        from forethought.experiment.checkpoint import load, load_meta
+        from forethought.checkpoint import load, load_meta
 
         meta = load_meta(Path(path))
         if meta.get("kind") != "gp":

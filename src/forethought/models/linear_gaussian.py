@@ -157,7 +157,7 @@ class LinearGaussianDynamics(eqx.Module):
 
     def save(self, path: Path) -> None:
         """`A, B, c, N` to an `.npz` with their sizes as JSON metadata (no pickle), atomically."""
-        from forethought.experiment.checkpoint import save
+        from forethought.checkpoint import save
 
         save(Path(path), self, {"kind": "linear_gaussian", "horizon": self.horizon,
                                 "state_dim": self.state_dim, "action_dim": self.action_dim,
@@ -166,7 +166,7 @@ class LinearGaussianDynamics(eqx.Module):
     @classmethod
     def load(cls, path: Path) -> "LinearGaussianDynamics":
         """The model `save` wrote, exactly."""
-        from forethought.experiment.checkpoint import load, load_meta
+        from forethought.checkpoint import load, load_meta
 
         meta = load_meta(Path(path))
         if meta.get("kind") != "linear_gaussian":

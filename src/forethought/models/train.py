@@ -152,15 +152,28 @@ def _pad(a: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
-        config: TrainConfig = TrainConfig()) -> tuple[Ensemble, FitReport]:
-    """Fit `model` to transitions `obs [N, n]`, `action [N, m]`, `next_obs [N, n]`.
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """Transitions made ready for a jitted fit: normalisers, and normalised inputs and delta
+    targets split into training and held-out sets, each padded to a power of two."""
 
-    Normalisers are refit on all the data; each member keeps its parameters from its best
-    held-out epoch; the `spec.elites` best members become the elites. Raises `ForethoughtError` on
-    NaN/inf data or wrong shapes.
-    """
-    spec = model.spec
+    input_norm: Normalizer
+    target_norm: Normalizer
+    z_train: jax.Array
+    y_train: jax.Array
+    n_train: int
+    z_hold: jax.Array
+    y_hold: jax.Array
+    hold_mask: jax.Array
+
+
+def prepare(spec, obs, action, next_obs, split_key: jax.Array, holdout: float) -> Prepared:
+    """Check and prepare `obs [N, n]`, `action [N, m]`, `next_obs [N, n]` for a model whose
+    `spec` has `state_dim`, `action_dim` and `angles` (ensembles and BNNs share this).
+
+    Inputs are the state features (sin/cos of angles) and actions, targets the state changes
+    (tricks 2 to 4 of seed 002). With fewer than 10 transitions nothing is held out and
+    selection uses the training data itself."""
     obs, action, next_obs = (np.asarray(a, np.float32) for a in (obs, action, next_obs))
     if action.ndim == 1:
         action = action[:, None]
@@ -175,21 +188,35 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
 
     features = np.concatenate([np.asarray(state_features(jnp.asarray(obs), spec.angles)), action], axis=1)
     targets = next_obs - obs
-    model = eqx.tree_at(lambda m: (m.input_norm, m.target_norm), model,
-                        (Normalizer.fit(jnp.asarray(features)), Normalizer.fit(jnp.asarray(targets))))
-    z_all = np.asarray(model.input_norm(jnp.asarray(features)))
-    y_all = np.asarray(model.target_norm(jnp.asarray(targets)))
+    input_norm, target_norm = Normalizer.fit(jnp.asarray(features)), Normalizer.fit(jnp.asarray(targets))
+    z_all = np.asarray(input_norm(jnp.asarray(features)))
+    y_all = np.asarray(target_norm(jnp.asarray(targets)))
 
-    key, split_key = jax.random.split(key)
     perm = np.asarray(jax.random.permutation(split_key, N))
-    n_hold = int(round(config.holdout * N)) if N >= 10 else 0
+    n_hold = int(round(holdout * N)) if N >= 10 else 0
     hold, train = perm[:n_hold], perm[n_hold:]
-    if n_hold == 0:  # too little data to hold any out: select on the training data itself
+    if n_hold == 0:
         hold = train
     C, H = _bucket(len(train)), _bucket(len(hold))
-    z_train, y_train = jnp.asarray(_pad(z_all[train], C)), jnp.asarray(_pad(y_all[train], C))
-    z_hold, y_hold = jnp.asarray(_pad(z_all[hold], H)), jnp.asarray(_pad(y_all[hold], H))
-    hold_mask = jnp.arange(H) < len(hold)
+    return Prepared(input_norm, target_norm,
+                    jnp.asarray(_pad(z_all[train], C)), jnp.asarray(_pad(y_all[train], C)), len(train),
+                    jnp.asarray(_pad(z_all[hold], H)), jnp.asarray(_pad(y_all[hold], H)),
+                    jnp.arange(H) < len(hold))
+
+
+def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
+        config: TrainConfig = TrainConfig()) -> tuple[Ensemble, FitReport]:
+    """Fit `model` to transitions `obs [N, n]`, `action [N, m]`, `next_obs [N, n]`.
+
+    Normalisers are refit on all the data; each member keeps its parameters from its best
+    held-out epoch; the `spec.elites` best members become the elites. Raises `ForethoughtError` on
+    NaN/inf data or wrong shapes.
+    """
+    key, split_key = jax.random.split(key)
+    data = prepare(model.spec, obs, action, next_obs, split_key, config.holdout)
+    model = eqx.tree_at(lambda m: (m.input_norm, m.target_norm), model, (data.input_norm, data.target_norm))
+    z_train, y_train, z_hold, y_hold, hold_mask = data.z_train, data.y_train, data.z_hold, data.y_hold, data.hold_mask
+    n_train = data.n_train
 
     optimizer = _optimizer(config.learning_rate, config.weight_decay)
     params, static = eqx.partition(model.net, eqx.is_array)
@@ -202,7 +229,7 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
     for epoch in range(config.max_epochs):
         key, epoch_key = jax.random.split(key)
         params, opt_state, train_loss = _epoch(model, params, opt_state, z_train, y_train,
-                                               jnp.int32(len(train)), epoch_key, optimizer,
+                                               jnp.int32(n_train), epoch_key, optimizer,
                                                config.batch_size, config.logvar_bound_weight,
                                                config.bootstrap)
         losses = np.asarray(_holdout(model, eqx.combine(params, static), z_hold, y_hold, hold_mask))
@@ -221,7 +248,7 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
         stale = 0 if improved.any() else stale + 1
         if stale >= config.patience:
             break
-    elites = np.argsort(best)[: spec.elites or spec.members]
+    elites = np.argsort(best)[: model.spec.elites or model.spec.members]
     best_net = eqx.combine(best_params, static)
     model = eqx.tree_at(lambda m: (m.net, m.elite_index), model, (best_net, jnp.asarray(np.sort(elites), jnp.int32)))
     return model, FitReport(epochs, train_curve, hold_curve, best.tolist())

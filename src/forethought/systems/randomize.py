@@ -18,7 +18,6 @@ from typing import Any, Callable, Mapping
 
 import gymnasium
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from forethought.errors import ForethoughtError

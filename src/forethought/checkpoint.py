@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from forethought._io import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
+from forethought._io import atomic_write_bytes
 from forethought.errors import ForethoughtError
 
 _META = "__meta__"

@@ -6,7 +6,7 @@ import pytest
 
 from forethought import _io
 from forethought.errors import ForethoughtError
-from forethought.experiment import checkpoint
+from forethought import checkpoint
 
 
 def test_round_trip_of_an_equinox_module_with_a_key(tmp_path):
