@@ -184,6 +184,12 @@ class Ensemble(eqx.Module):
 
         return dynamics
 
+    def evaluate(self, obs, action, next_obs) -> dict[str, float]:
+        """One-step NLL, MSE and calibration on held-out transitions (see `train.evaluate`)."""
+        from forethought.models.train import evaluate
+
+        return evaluate(self, obs, action, next_obs)
+
     # ----- persistence ---------------------------------------------------------------------------
     def save(self, path: Path) -> None:
         """Arrays to an `.npz` with the spec as JSON metadata (no pickle), atomically."""
