@@ -133,3 +133,11 @@ def test_open_loop_error_grows_with_the_horizon_and_is_zero_for_a_perfect_model(
     assert errors[-1] >= errors[0]
     with pytest.raises(ForethoughtError, match="horizon"):
         open_loop_error(model, obs, actions, horizon=41)
+
+
+def test_the_hand_derived_silu_matches_jax():
+    from forethought.models.ensemble import silu
+
+    x = jnp.linspace(-8.0, 8.0, 101)
+    np.testing.assert_allclose(silu(x), jax.nn.silu(x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(jax.vmap(jax.grad(silu))(x), jax.vmap(jax.grad(jax.nn.silu))(x), rtol=1e-5, atol=1e-6)

@@ -28,7 +28,22 @@ from forethought.errors import ForethoughtError
 from forethought.models.normalize import Normalizer
 
 Propagation = Literal["ts_inf", "ts1", "expectation"]
-_ACTIVATIONS: dict[str, Callable] = {"silu": jax.nn.silu, "relu": jax.nn.relu, "tanh": jnp.tanh,
+@jax.custom_jvp
+def silu(x):
+    """`x * sigmoid(x)` with a hand-written derivative: about 6% faster ensemble training on CPU
+    than `jax.nn.silu` (benchmarks/results/models.json), same values."""
+    return x * jax.nn.sigmoid(x)
+
+
+@silu.defjvp
+def _silu_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    s = jax.nn.sigmoid(x)
+    y = x * s
+    return y, dx * (s + y * (1 - s))
+
+
+_ACTIVATIONS: dict[str, Callable] = {"silu": silu, "relu": jax.nn.relu, "tanh": jnp.tanh,
                                      "elu": jax.nn.elu}
 
 
