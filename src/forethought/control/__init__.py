@@ -4,11 +4,12 @@ Every solver follows trajax's contract, `solver(cost, dynamics, x0, U0, ...) -> 
 jit-compiled whole. See `docs/ARCHITECTURE.md` for the objective convention.
 """
 
+from forethought.control.collocation import collocation
 from forethought.control.ilqr import ddp, ilqr
 from forethought.control.lqr import lqr, lqr_expected_cost, lqr_rollout
 from forethought.control.mpc import MPC, run_mpc
 from forethought.control.shooting import cem, mppi, random_shooting, rollout, rollout_costs
 from forethought.control.solution import Solution
 
-__all__ = ["Solution", "lqr", "lqr_rollout", "lqr_expected_cost", "ilqr", "ddp", "MPC", "run_mpc",
+__all__ = ["Solution", "lqr", "lqr_rollout", "lqr_expected_cost", "ilqr", "ddp", "collocation", "MPC", "run_mpc",
            "cem", "mppi", "random_shooting", "rollout", "rollout_costs"]
