@@ -39,14 +39,18 @@ Choosing the settings (measured on the Dyna maze, `tests/control/test_mcts.py`):
   and the settings above, 47 of 48 runs took the 14-step path; with 3000 simulations, 63 of
   64 (`C = 3`: also 63 of 64).
 - `discount < 1` makes a shorter way to a reward worth more; with `discount = 1` every path that
-  reaches a goal scores the same. Smaller is not better: at 0.8 the rollouts from far cells
-  almost never return anything, at 0.98 neighbouring cells differ too little.
+  reaches a goal scores the same. Neither small nor near 1 is best: with the relative `C = 5`
+  and 3000 simulations, 5 of 16 runs took the 14-step path at 0.5, 13 of 16 at 0.7, 46 of 48
+  at 0.8, 63 of 64 at 0.9 and 4 of 16 at 0.98. A small discount leaves the rollouts from far
+  cells almost nothing to report; one near 1 leaves neighbouring cells' values too close.
 - `num_rollouts`: the leaf value is the mean of this many independent rollouts, run side by
   side with `vmap` (leaf parallelisation, Cazenave and Jouandeau 2007). It estimates the same
-  DefaultPolicy value with `1/num_rollouts` of the variance for little extra time, since a
-  simulation's cost is mostly the sequential tree walk. A sparse reward needs it: one random
-  rollout from the Dyna maze's start reaches the goal within 50 steps 4 times in 1000, and
-  neighbouring cells' values differ by a few hundredths of a single rollout's spread.
+  DefaultPolicy value with `1/num_rollouts` of the variance. A sparse reward needs it: one
+  random rollout from the Dyna maze's start reaches the goal within 50 steps 4 times in 1000,
+  and neighbouring cells' values differ by a few hundredths of a single rollout's spread. With
+  the settings above, no run of 16 took the 14-step path with 1 rollout per leaf, 13 of 16
+  with 8, and 63 of 64 with 32. It costs time: 3000 simulations took 56 ms on one CPU core
+  with 1 rollout of 50 steps and 310 ms with 32 (the tree walk alone, 48 ms).
 
 The model is any pure function `step(state, action) -> (next_state, reward, done)` over JAX
 arrays: `state` any pytree (an int32 scalar for `forethought.systems.mazes`), `action` an int32
