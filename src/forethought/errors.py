@@ -45,3 +45,10 @@ def check_finite(value: Any, name: str, *, where: str = "") -> None:
 def check_choice(value: str, name: str, choices: list[str] | tuple[str, ...]) -> None:
     if value not in choices:
         raise ForethoughtError(f"unknown {name} {value!r}; expected one of: {', '.join(choices)}")
+
+
+def check_int(value: Any, name: str, *, minimum: int, where: str = "") -> None:
+    """Raise unless `value` is an integer (not a bool) >= `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        prefix = f"{where}: " if where else ""
+        raise ForethoughtError(f"{prefix}{name} must be an integer >= {minimum}, got {value!r}")

@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from forethought.control.solution import Solution
+from forethought.control.solution import Solution, check_problem
 from forethought.errors import ForethoughtError
 
 
@@ -340,7 +340,7 @@ def _solve(fns_arrays, x0, U0, X0, settings, *, fns_static, maxiter):
     U0 = jnp.asarray(U0, dtype)
     T, m = U0.shape
     n = x0.shape[0]
-    _check_functions(user_cost, user_dynamics, terminal_cost, x0, U0)
+    check_problem(user_cost, user_dynamics, terminal_cost, x0, U0, "collocation")
     s = {name: jnp.asarray(value, dtype) for name, value in settings.items()}
     max_inner = jnp.asarray(settings["max_inner"], jnp.int32)
     max_outer = jnp.asarray(settings["max_outer"], jnp.int32)
@@ -457,21 +457,3 @@ def _solve(fns_arrays, x0, U0, X0, settings, *, fns_static, maxiter):
     return Solution(x=unpack(out.S)[0], u=out.S[:, :m], cost=J, iterations=out.iteration,
                     converged=out.converged, history=history)
 
-
-def _check_functions(cost, dynamics, terminal_cost, x0, U0):
-    """At trace time: the functions take and return what the contract says."""
-    where = "collocation"
-    t = jnp.zeros((), jnp.int32)
-    x_next = jax.eval_shape(dynamics, x0, U0[0], t)
-    if getattr(x_next, "shape", None) != x0.shape:
-        raise ForethoughtError(f"{where}: dynamics(x, u, t) must return shape {x0.shape} "
-                               f"like x0, got {getattr(x_next, 'shape', type(x_next))}")
-    c = jax.eval_shape(cost, x0, U0[0], t)
-    if getattr(c, "shape", None) != ():
-        raise ForethoughtError(f"{where}: cost(x, u, t) must return a scalar, "
-                               f"got shape {getattr(c, 'shape', type(c))}")
-    if terminal_cost is not None:
-        c = jax.eval_shape(terminal_cost, x0)
-        if getattr(c, "shape", None) != ():
-            raise ForethoughtError(f"{where}: terminal_cost(x) must return a scalar, "
-                                   f"got shape {getattr(c, 'shape', type(c))}")

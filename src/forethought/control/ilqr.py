@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from forethought.control.lqr import backward_pass, dot
-from forethought.control.solution import Solution
+from forethought.control.solution import Solution, check_problem
 from forethought.errors import ForethoughtError
 
 
@@ -243,7 +243,7 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
     U0 = jnp.asarray(U0, dtype)
     T, m = U0.shape
     n = x0.shape[0]
-    _check_functions(user_cost, user_dynamics, terminal_cost, x0, U0,
+    check_problem(user_cost, user_dynamics, terminal_cost, x0, U0,
                      "ddp" if second_order else "ilqr")
     if settings["relative_cost_threshold"] is None:
         settings = {**settings, "relative_cost_threshold": 10 * jnp.finfo(dtype).eps}
@@ -356,20 +356,3 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
     return Solution(x=out.X, u=out.U, cost=out.J, iterations=out.iteration,
                     converged=out.converged, K=out.K, k=out.k, history=history)
 
-
-def _check_functions(cost, dynamics, terminal_cost, x0, U0, where):
-    """At trace time: the functions take and return what the contract says."""
-    t = jnp.zeros((), jnp.int32)
-    x_next = jax.eval_shape(dynamics, x0, U0[0], t)
-    if getattr(x_next, "shape", None) != x0.shape:
-        raise ForethoughtError(f"{where}: dynamics(x, u, t) must return shape {x0.shape} "
-                               f"like x0, got {getattr(x_next, 'shape', type(x_next))}")
-    c = jax.eval_shape(cost, x0, U0[0], t)
-    if getattr(c, "shape", None) != ():
-        raise ForethoughtError(f"{where}: cost(x, u, t) must return a scalar, "
-                               f"got shape {getattr(c, 'shape', type(c))}")
-    if terminal_cost is not None:
-        c = jax.eval_shape(terminal_cost, x0)
-        if getattr(c, "shape", None) != ():
-            raise ForethoughtError(f"{where}: terminal_cost(x) must return a scalar, "
-                                   f"got shape {getattr(c, 'shape', type(c))}")

@@ -80,7 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.tree_util import register_dataclass
 
-from forethought.errors import ForethoughtError
+from forethought.errors import ForethoughtError, check_int
 
 Step = Callable[[Any, jax.Array], tuple[Any, jax.Array, jax.Array]]
 """`step(state, action) -> (next_state, reward, done)`: the known model searched through."""
@@ -415,7 +415,7 @@ def uct_path(step: Step, state, key, *, max_steps: int, num_actions: int,
     Returns:
       `UCTPath` with the states, actions and rewards, `length` and `done`.
     """
-    _check_int("uct_path", "max_steps", max_steps, minimum=1)
+    check_int(max_steps, "max_steps", where="uct_path", minimum=1)
     sizes = _check("uct_path", step, num_actions, num_simulations, max_depth, rollout_depth,
                    num_rollouts, c, relative_c, discount)
     state = jax.tree.map(jnp.asarray, state)
@@ -454,9 +454,6 @@ def _uct_path(step, state, key, max_steps, sizes: _Sizes, c, discount) -> UCTPat
 
 # ----- argument checks (at the boundary, before tracing) ---------------------------------------
 
-def _check_int(where, name, value, *, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ForethoughtError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _check(where, step, num_actions, num_simulations, max_depth, rollout_depth, num_rollouts,
@@ -464,11 +461,11 @@ def _check(where, step, num_actions, num_simulations, max_depth, rollout_depth, 
     if not callable(step):
         raise ForethoughtError(f"{where}: step must be a function step(state, action) -> "
                                f"(next_state, reward, done), got {type(step).__name__}")
-    _check_int(where, "num_actions", num_actions, minimum=1)
-    _check_int(where, "num_simulations", num_simulations, minimum=1)
-    _check_int(where, "max_depth", max_depth, minimum=1)
-    _check_int(where, "rollout_depth", rollout_depth, minimum=0)
-    _check_int(where, "num_rollouts", num_rollouts, minimum=1)
+    check_int(num_actions, "num_actions", where=where, minimum=1)
+    check_int(num_simulations, "num_simulations", where=where, minimum=1)
+    check_int(max_depth, "max_depth", where=where, minimum=1)
+    check_int(rollout_depth, "rollout_depth", where=where, minimum=0)
+    check_int(num_rollouts, "num_rollouts", where=where, minimum=1)
     # JAX clamps an out-of-range index instead of failing, so a num_actions larger than the
     # model's would silently search a different problem; a world that knows its count (a
     # Maze, whose bound `step` this is) lets us catch that.

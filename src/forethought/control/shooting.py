@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from forethought.control.solution import Solution, trajax_objective
-from forethought.errors import ForethoughtError
+from forethought.errors import ForethoughtError, check_int
 
 Evaluate = Callable[[jax.Array, jax.Array], jax.Array]
 """`evaluate(U_batch [N, T, m], key) -> costs [N]`: what the searches minimise."""
@@ -228,7 +228,7 @@ def random_shooting(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=
     """
     lower, upper = _check("random_shooting", x0, U0, lower, upper, init_std,
                           need_finite=init_std is None)
-    _check_int("random_shooting", "population", population, minimum=2)
+    check_int(population, "population", where="random_shooting", minimum=2)
     knobs = dict(population=population, init_std=init_std, noise_beta=noise_beta)
     return _plan(shooting_search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs)
 
@@ -257,8 +257,8 @@ def cem(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, popula
       `converged = False`, and `history[i]` the mean elite cost of iteration `i`.
     """
     lower, upper = _check("cem", x0, U0, lower, upper, init_std, need_finite=init_std is None)
-    _check_int("cem", "population", population, minimum=1)
-    _check_int("cem", "iterations", iterations, minimum=1)
+    check_int(population, "population", where="cem", minimum=1)
+    check_int(iterations, "iterations", where="cem", minimum=1)
     if not 0 < elite_fraction <= 1:
         raise ForethoughtError(f"cem: elite_fraction must be in (0, 1], got {elite_fraction}")
     if isinstance(alpha, (int, float)) and not 0 <= alpha < 1:
@@ -291,8 +291,8 @@ def mppi(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, popul
     """
     lower, upper = _check("mppi", x0, U0, lower, upper, noise_std, need_finite=noise_std is None,
                           std_name="noise_std")
-    _check_int("mppi", "population", population, minimum=2)
-    _check_int("mppi", "iterations", iterations, minimum=1)
+    check_int(population, "population", where="mppi", minimum=2)
+    check_int(iterations, "iterations", where="mppi", minimum=1)
     if isinstance(lambda_, (int, float)) and not lambda_ > 0:
         raise ForethoughtError(f"mppi: lambda_ must be > 0, got {lambda_}")
     knobs = dict(population=population, iterations=iterations, lambda_=lambda_,
@@ -376,6 +376,3 @@ def _check(where, x0, U0, lower, upper, std, *, need_finite, std_name="init_std"
     return lower.astype(dtype), upper.astype(dtype)
 
 
-def _check_int(where, name, value, *, minimum):
-    if not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ForethoughtError(f"{where}: {name} must be an integer >= {minimum}, got {value!r}")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax.tree_util import register_dataclass
-import dataclasses
+
+from forethought.errors import ForethoughtError
 
 
 @register_dataclass
@@ -44,3 +47,22 @@ def trajax_objective(cost, x, u, terminal_cost=None):
     else:
         final = terminal_cost(x[-1])
     return stage + final
+
+
+def check_problem(cost, dynamics, terminal_cost, x0, U0, where: str) -> None:
+    """At trace time: `dynamics(x, u, t)` returns a state like `x0`, and `cost(x, u, t)` and
+    `terminal_cost(x)` return scalars; otherwise a `ForethoughtError` naming the function."""
+    t = jnp.zeros((), jnp.int32)
+    x_next = jax.eval_shape(dynamics, x0, U0[0], t)
+    if getattr(x_next, "shape", None) != x0.shape:
+        raise ForethoughtError(f"{where}: dynamics(x, u, t) must return shape {x0.shape} "
+                               f"like x0, got {getattr(x_next, 'shape', type(x_next))}")
+    c = jax.eval_shape(cost, x0, U0[0], t)
+    if getattr(c, "shape", None) != ():
+        raise ForethoughtError(f"{where}: cost(x, u, t) must return a scalar, "
+                               f"got shape {getattr(c, 'shape', type(c))}")
+    if terminal_cost is not None:
+        c = jax.eval_shape(terminal_cost, x0)
+        if getattr(c, "shape", None) != ():
+            raise ForethoughtError(f"{where}: terminal_cost(x) must return a scalar, "
+                                   f"got shape {getattr(c, 'shape', type(c))}")
