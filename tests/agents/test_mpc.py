@@ -127,3 +127,11 @@ def test_a_run_cut_off_mid_episode_resumes_to_the_same_numbers(tmp_path, monkeyp
     full, resumed = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert resumed["return"] == full["return"]
     assert resumed["model_holdout_loss"][:2] == full["model_holdout_loss"][:2]
+
+
+def test_the_true_model_controller_balances_the_cartpole_for_the_whole_episode():
+    """Planning uses the task's end: a rollout that topples stops earning, so CEM keeps it up."""
+    env = SystemEnv(systems.make("cartpole-balance"))
+    result = mpc.train(mpc.PETSConfig(episodes=1, random_episodes=0, model="true", horizon=15,
+                                      population=64, iterations=3), env, jax.random.key(0))
+    assert result.returns == [200.0]

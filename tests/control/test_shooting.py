@@ -165,3 +165,21 @@ def test_bad_bounds_name_the_argument(planner):
         planner(cost, dynamics, x0, U0, key, lower=-jnp.inf, upper=1.0)
     with pytest.raises(ForethoughtError, match="U0 must have shape"):
         planner(cost, dynamics, x0, jnp.zeros(T), key, lower=-1.0, upper=1.0)
+
+
+def test_rollout_costs_stop_at_a_terminal_state():
+    from forethought.control.shooting import rollout_costs
+
+    # x counts up by u; the episode ends once x >= 2; each step costs 1 (like -reward of 1)
+    dynamics = lambda x, u, t: x + u  # noqa: E731
+    cost = lambda x, u, t: jnp.sum(x * 0 + 1.0)  # noqa: E731
+    is_terminal = lambda x: x[0] >= 2.0  # noqa: E731
+    U = jnp.ones((2, 5, 1)).at[1].set(0.0)
+    costs = rollout_costs(cost, dynamics, jnp.zeros(1), U, is_terminal=is_terminal)
+    # plan 0 reaches 2 after its second step: two stage costs, no final term; plan 1 never ends
+    np.testing.assert_allclose(costs, [2.0, 6.0])
+    # per-particle costs and terminations are averaged over the particles
+    Xp = jnp.array([[0.0], [1.0]])
+    per_particle = rollout_costs(lambda X, u, t: jnp.ones(2), lambda X, u, t: X + u, Xp,
+                                 jnp.ones((1, 5, 1)), is_terminal=lambda X: X[:, 0] >= 2.0)
+    np.testing.assert_allclose(per_particle, [(2.0 + 1.0) / 2])

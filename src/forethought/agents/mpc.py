@@ -19,7 +19,9 @@ system's own dynamics (no learning: the reference a learned model is measured ag
     forethought run mpc --env pendulum
     forethought run pets --env cartpole --model true   # the true-dynamics CEM controller
 
-Costs are the system's own `cost(x, u, t)` (reward = -cost). Every planning call is one jitted
+Costs are the system's own `cost(x, u, t)` (reward = -cost); for a task that ends
+(`system.terminates`, e.g. `cartpole-balance`), its known `is_terminal` stops a planned rollout's
+cost at the end, as mbrl-lib's termination functions do. Every planning call is one jitted
 function of the model's parameters, the state, the previous plan and a key.
 """
 
@@ -162,15 +164,20 @@ class Planner:
         return jnp.broadcast_to(self.fill, (self.config.horizon, self.fill.shape[0]))
 
     def _evaluate(self, model: Ensemble | None, x, key):
-        cost = self.system.cost
+        system = self.system
+        end = system.is_terminal if system.terminates else None
         if model is None:
-            return lambda U, _: rollout_costs(cost, self.system.dynamics, x, U)
+            return lambda U, _: rollout_costs(system.cost, system.dynamics, x, U, is_terminal=end)
         c = self.config
         particles = c.particles if model.spec.probabilistic else 1
         dynamics = model.as_dynamics(key, particles=particles,
                                      propagation=c.propagation if model.spec.probabilistic else "expectation")
         X0 = jnp.broadcast_to(x, (particles, x.shape[0]))
-        return lambda U, _: rollout_costs(particle_cost(cost), dynamics, X0, U)
+        if end is None:
+            return lambda U, _: rollout_costs(particle_cost(system.cost), dynamics, X0, U)
+        # per-particle costs and ends: a particle that falls stops earning (the known end test)
+        per_particle = lambda X, u, t: jax.vmap(system.cost, in_axes=(0, None, None))(X, u, t)  # noqa: E731
+        return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, is_terminal=jax.vmap(end))
 
     def _act(self, model, x, U, key):
         plan_key, model_key = jax.random.split(key)

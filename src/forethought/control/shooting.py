@@ -65,7 +65,8 @@ def rollout(dynamics, x0, U, keys=None) -> jax.Array:
     return jnp.concatenate([x0[None], X])
 
 
-def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None) -> jax.Array:
+def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None,
+                  is_terminal=None) -> jax.Array:
     """The objective `J` (see the module docstring) of each plan in `U_batch: [N, T, m]`
     from `x0: [n]` -> `[N]`.
 
@@ -73,18 +74,30 @@ def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None) ->
     `[N, T+1, n]` states are never stored. With `keys` (`[N, T]` PRNG keys), `dynamics(x, u, t,
     key)` is called instead (stochastic models). Model-based agents reuse this to score a
     population through a learned model.
+
+    With `is_terminal(x) -> bool`, a rollout that reaches a terminal state stops accruing cost
+    there (the episode would have ended): stage costs after it and the final term count zero.
+    `is_terminal` and `cost` may also return arrays of one shape (e.g. `[P]` over particles);
+    the accrued costs are then averaged.
     """
     T = U_batch.shape[1]
 
     def objective(U, keys_i):
-        def step(x, inputs):
+        def step(carry, inputs):
+            x, alive = carry
             t, u, key = inputs
             x_next = dynamics(x, u, t) if keys_i is None else dynamics(x, u, t, key)
-            return x_next, cost(x, u, t)
+            c = cost(x, u, t)
+            if is_terminal is None:
+                return (x_next, alive), c
+            return (x_next, alive & ~is_terminal(x_next)), jnp.where(alive, c, 0.0)
 
-        xT, stage = jax.lax.scan(step, x0, (jnp.arange(T), U, keys_i))
+        alive0 = True if is_terminal is None else jnp.ones(jnp.shape(is_terminal(x0)), bool)
+        (xT, alive), stage = jax.lax.scan(step, (x0, alive0), (jnp.arange(T), U, keys_i))
         final = cost(xT, jnp.zeros_like(U[0]), T) if terminal_cost is None else terminal_cost(xT)
-        return stage.sum() + final
+        if is_terminal is not None:
+            final = jnp.where(alive, final, 0.0)
+        return jnp.mean(stage.sum(0) + final)
 
     return jax.vmap(objective)(U_batch, keys)
 

@@ -20,6 +20,7 @@ from forethought.systems.base import ContinuousSystem, System
 _REGISTRY: dict[str, str] = {
     "pendulum": "forethought.systems.pendulum:Pendulum",
     "cartpole": "forethought.systems.cartpole:CartPole",
+    "cartpole-balance": "forethought.systems.cartpole_balance:CartPoleBalance",
     "acrobot": "forethought.systems.acrobot:Acrobot",
     "double-integrator": "forethought.systems.linear:DoubleIntegrator",
     "linear": "forethought.systems.linear:Linear",

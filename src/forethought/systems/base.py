@@ -43,6 +43,8 @@ class System(eqx.Module):
     action_names: ClassVar[tuple[str, ...]]
     angles: ClassVar[tuple[int, ...]] = ()
     """Indices of the state dimensions that are angles (models feed them as sin/cos)."""
+    terminates: ClassVar[bool] = False
+    """Whether `is_terminal` can be true (planners then stop counting cost past the end)."""
 
     # Subclasses declare `dt: float` and `horizon: int = eqx.field(static=True)`.
     dt: eqx.AbstractVar[float]

@@ -116,7 +116,7 @@ class SystemEnv(gymnasium.Env):
 
 def env_id(name: str) -> str:
     """`"mountain-car"` -> `"forethought/MountainCar-v0"`."""
-    special = {"cartpole": "CartPole"}
+    special = {"cartpole": "CartPole", "cartpole-balance": "CartPoleBalance"}
     camel = special.get(name) or "".join(part.capitalize() for part in name.split("-"))
     return f"forethought/{camel}-v0"
 

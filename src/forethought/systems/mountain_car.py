@@ -37,6 +37,7 @@ class MountainCar(System):
     action_dim: ClassVar[int] = 1
     state_names: ClassVar[tuple[str, ...]] = ("position", "velocity")
     action_names: ClassVar[tuple[str, ...]] = ("force",)
+    terminates: ClassVar[bool] = True
 
     power: float = 0.0015
     """Velocity gained per step per unit of force."""
