@@ -358,7 +358,6 @@ def _shared_objective(cost, dynamics, x0):
 
 
 def _bench_ilqr(options, trajax, record) -> None:
-    import jax
     import numpy as np
 
     from forethought.control.ilqr import ddp, ilqr
