@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from forethought.control.solution import Solution, check_problem
+from forethought.control.solution import Solution, check_arguments, check_problem
 from forethought.errors import ForethoughtError
 
 
@@ -140,17 +140,7 @@ def collocation(cost, dynamics, x0, U0, *, terminal_cost=None, X0=None, maxiter:
       the residuals.
     """
     where = "collocation"
-    for name, fn in (("cost", cost), ("dynamics", dynamics)):
-        if not callable(fn):
-            raise ForethoughtError(f"{where}: {name} must be a function (x, u, t), got {fn!r}")
-    if terminal_cost is not None and not callable(terminal_cost):
-        raise ForethoughtError(f"{where}: terminal_cost must be a function x -> scalar or None, "
-                               f"got {terminal_cost!r}")
-    if np.ndim(x0) != 1:
-        raise ForethoughtError(f"{where}: x0 must have shape (n,), got {np.shape(x0)}")
-    if np.ndim(U0) != 2 or np.shape(U0)[0] < 1:
-        raise ForethoughtError(f"{where}: U0 must have shape (T, m) with T >= 1, "
-                               f"got {np.shape(U0)}")
+    check_arguments(cost, dynamics, terminal_cost, x0, U0, where)
     T, n = np.shape(U0)[0], np.shape(x0)[0]
     if X0 is not None and tuple(np.shape(X0)) != (T + 1, n):
         raise ForethoughtError(f"{where}: X0 must have shape (T+1, n) = {(T + 1, n)} "

@@ -46,10 +46,9 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from forethought.control.lqr import backward_pass, dot
-from forethought.control.solution import Solution, check_problem
+from forethought.control.solution import Solution, check_arguments, check_problem
 from forethought.errors import ForethoughtError
 
 
@@ -190,17 +189,7 @@ _SETTINGS = ("grad_norm_threshold", "relative_cost_threshold", "alpha_0", "alpha
 
 def _dispatch(cost, dynamics, x0, U0, terminal_cost, maxiter, second_order, arguments):
     where = "ddp" if second_order else "ilqr"
-    for name, fn in (("cost", cost), ("dynamics", dynamics)):
-        if not callable(fn):
-            raise ForethoughtError(f"{where}: {name} must be a function (x, u, t), got {fn!r}")
-    if terminal_cost is not None and not callable(terminal_cost):
-        raise ForethoughtError(f"{where}: terminal_cost must be a function x -> scalar or None, "
-                               f"got {terminal_cost!r}")
-    if np.ndim(x0) != 1:
-        raise ForethoughtError(f"{where}: x0 must have shape (n,), got {np.shape(x0)}")
-    if np.ndim(U0) != 2 or np.shape(U0)[0] < 1:
-        raise ForethoughtError(f"{where}: U0 must have shape (T, m) with T >= 1, "
-                               f"got {np.shape(U0)}")
+    check_arguments(cost, dynamics, terminal_cost, x0, U0, where)
     if int(maxiter) < 1:
         raise ForethoughtError(f"{where}: maxiter must be >= 1, got {maxiter}")
     settings = {name: arguments[name] for name in _SETTINGS}

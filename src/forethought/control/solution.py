@@ -6,6 +6,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.tree_util import register_dataclass
 
 from forethought.errors import ForethoughtError
@@ -47,6 +48,21 @@ def trajax_objective(cost, x, u, terminal_cost=None):
     else:
         final = terminal_cost(x[-1])
     return stage + final
+
+
+def check_arguments(cost, dynamics, terminal_cost, x0, U0, where: str) -> None:
+    """Before tracing: the functions are callable, `x0` is `[n]` and `U0` is `[T, m]`, T >= 1."""
+    for name, fn in (("cost", cost), ("dynamics", dynamics)):
+        if not callable(fn):
+            raise ForethoughtError(f"{where}: {name} must be a function (x, u, t), got {fn!r}")
+    if terminal_cost is not None and not callable(terminal_cost):
+        raise ForethoughtError(f"{where}: terminal_cost must be a function x -> scalar or None, "
+                               f"got {terminal_cost!r}")
+    if np.ndim(x0) != 1:
+        raise ForethoughtError(f"{where}: x0 must have shape (n,), got {np.shape(x0)}")
+    if np.ndim(U0) != 2 or np.shape(U0)[0] < 1:
+        raise ForethoughtError(f"{where}: U0 must have shape (T, m) with T >= 1, "
+                               f"got {np.shape(U0)}")
 
 
 def check_problem(cost, dynamics, terminal_cost, x0, U0, where: str) -> None:
