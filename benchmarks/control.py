@@ -51,13 +51,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine_info
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 PARTS = ("ilqr", "cem")
@@ -200,36 +201,11 @@ def _worker(options) -> int:
         _bench_ilqr(options, trajax, record)
     else:
         _bench_cem(options, trajax, record)
-    record["machine"] = _machine(options)
+    record["machine"] = machine_info(options.core)
     record["trajax"] = _trajax_info(options)
     options.result.write_text(json.dumps(record, indent=2))
     return 0
 
-
-def _machine(options) -> dict:
-    import jax
-    import jaxlib
-    import numpy as np
-
-    import forethought
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "pinned_core": options.core, "affinity": sorted(os.sched_getaffinity(0)),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "threads_in_worker": len(os.listdir("/proc/self/task")),
-        "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-        "numpy": np.__version__, "forethought": forethought.__version__,
-        "jax_backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
-    }
 
 
 def _trajax_info(options) -> dict:

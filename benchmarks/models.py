@@ -45,13 +45,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine_info, median, peer_env
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "mbrl_models.py"
@@ -178,7 +179,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
                     command = [str(mbrl_python), str(PEER_SCRIPT)]
                 command += ["--data", str(data_path), "--result", str(result), *common]
                 print(f"[models] process {round_ + 1}/{options.processes} {side}", file=sys.stderr, flush=True)
-                code = subprocess.run(command, env=env if side == "ours" else _peer_env(),
+                code = subprocess.run(command, env=env if side == "ours" else peer_env(),
                                       stdout=sys.stderr).returncode
                 if code != 0 or not result.is_file():
                     print(f"forethought bench models: error: the {side} worker failed (exit {code}); "
@@ -198,16 +199,6 @@ def main(out_dir: Path, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _peer_env() -> dict:
-    """The environment of the mbrl-lib process: ours, less what points Python at our packages."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["MKL_NUM_THREADS"] = "1"
-    return env
-
-
-def _median(values):
-    return statistics.median(values) if values else None
 
 
 def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> dict:
@@ -215,7 +206,7 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
     ours_runs, mbrl_runs = runs["ours"], runs["mbrl"]
 
     def side(per_process_wall, per_process_cpu):
-        wall, cpu = _median(per_process_wall), _median(per_process_cpu)
+        wall, cpu = median(per_process_wall), median(per_process_cpu)
         return {"epoch_seconds_median": wall, "epoch_cpu_seconds_median": cpu,
                 "per_process_epoch_seconds": per_process_wall,
                 "per_process_epoch_cpu_seconds": per_process_cpu,
@@ -234,10 +225,10 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
         "what": f"jnp.matmul of two {options.matmul_size}x{options.matmul_size} float32 matrices, "
                 "jitted, same core and XLA flags, in each of our processes; median of "
                 f"{options.matmul_repeats} products per process, median over processes",
-        "gflops_wall": _median([r["matmul"]["gflops"] for r in ours_runs]),
-        "gflops_cpu": _median([r["matmul"]["gflops_cpu"] for r in ours_runs]),
+        "gflops_wall": median([r["matmul"]["gflops"] for r in ours_runs]),
+        "gflops_cpu": median([r["matmul"]["gflops_cpu"] for r in ours_runs]),
         "per_process_gflops_cpu": [r["matmul"]["gflops_cpu"] for r in ours_runs],
-        "jax_layer_matmul_gflops_cpu": _median([r["layer_matmul"]["gflops_cpu"] for r in ours_runs]),
+        "jax_layer_matmul_gflops_cpu": median([r["layer_matmul"]["gflops_cpu"] for r in ours_runs]),
         "layer_matmul_shape": ours_runs[0]["layer_matmul"]["shape"],
     }
     mbrl_info = {"available": False, "skipped": "no --mbrl-python and no MBRL_PYTHON: mbrl-lib was not run",
@@ -260,9 +251,9 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
                           "floor of any mbrl-lib training loop")
         results["mbrl"] = trainer
         results["mbrl_update_only"] = update
-        ceiling["torch_gflops_cpu"] = _median([r["matmul"]["gflops_cpu"] for r in mbrl_runs])
-        ceiling["torch_gflops_wall"] = _median([r["matmul"]["gflops"] for r in mbrl_runs])
-        ceiling["torch_layer_matmul_gflops_cpu"] = _median([r["layer_matmul"]["gflops_cpu"] for r in mbrl_runs])
+        ceiling["torch_gflops_cpu"] = median([r["matmul"]["gflops_cpu"] for r in mbrl_runs])
+        ceiling["torch_gflops_wall"] = median([r["matmul"]["gflops"] for r in mbrl_runs])
+        ceiling["torch_layer_matmul_gflops_cpu"] = median([r["layer_matmul"]["gflops_cpu"] for r in mbrl_runs])
         # ratios of medians, and the spread of the same ratio per round (processes run side by side)
         per_round_cpu = [m["median_epoch_cpu_seconds"]["trainer"] / o["median_epoch_cpu_seconds"]
                          for o, m in zip(ours_runs, mbrl_runs)]
@@ -455,37 +446,11 @@ def _worker(options) -> int:
                    "gflops_cpu": 2 * size**3 / statistics.median(matmul_cpu) / 1e9},
         "layer_matmul": {"shape": [[E, B, H], [E, H, H]], "cpu_seconds_median": statistics.median(layer_cpu),
                          "gflops_cpu": 2 * E * B * H * H / statistics.median(layer_cpu) / 1e9},
-        "machine": _machine(options),
+        "machine": machine_info(options.core),
     }
     options.result.write_text(json.dumps(result, indent=2))
     return 0
 
-
-def _machine(options) -> dict:
-    import equinox
-    import jax
-    import jaxlib
-    import numpy as np
-    import optax
-
-    import forethought
-
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-        "pinned_core": options.core, "affinity": sorted(os.sched_getaffinity(0)),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-        "equinox": equinox.__version__, "optax": optax.__version__, "numpy": np.__version__,
-        "forethought": forethought.__version__, "jax_backend": jax.default_backend(),
-    }
 
 
 # ----- output ------------------------------------------------------------------------------------

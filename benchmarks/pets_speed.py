@@ -57,13 +57,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine_info, median, peer_env
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "mbrl_pets.py"
@@ -189,7 +190,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
                     command = [str(mbrl_python), str(PEER_SCRIPT), *peer_common]
                 command += ["--result", str(result)]
                 print(f"[pets_speed] process {round_ + 1}/{options.processes} {side}", file=sys.stderr, flush=True)
-                code = subprocess.run(command, env=env if side == "ours" else _peer_env(),
+                code = subprocess.run(command, env=env if side == "ours" else peer_env(),
                                       stdout=sys.stderr).returncode
                 if code != 0 or not result.is_file():
                     print(f"forethought bench pets_speed: error: the {side} worker failed (exit {code}); "
@@ -209,16 +210,6 @@ def main(out_dir: Path, argv: list[str]) -> int:
     return 1 if failed else 0
 
 
-def _peer_env() -> dict:
-    """The environment of the mbrl-lib process: ours, less what points Python at our packages."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["MKL_NUM_THREADS"] = "1"
-    return env
-
-
-def _median(values):
-    return statistics.median(values) if values else None
 
 
 def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> dict:
@@ -229,7 +220,7 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
         per_wall = [r["variants"][name]["median_action_seconds"] for r in ours_runs]
         per_cpu = [r["variants"][name]["median_action_cpu_seconds"] for r in ours_runs]
         flops = first["variants"][name]["flops"]["flops"]
-        wall, cpu = _median(per_wall), _median(per_cpu)
+        wall, cpu = median(per_wall), median(per_cpu)
         results[name] = {
             "label": LABELS[name],
             "action_cpu_seconds_median": cpu, "action_seconds_median": wall,
@@ -244,12 +235,12 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
         "what": f"jnp.matmul of two {options.matmul_size}x{options.matmul_size} float32 matrices, jitted, same "
                 f"core and XLA flags, in each of our processes; median of {options.matmul_repeats} products "
                 "per process, median over processes",
-        "gflops_cpu": _median([r["matmul"]["gflops_cpu"] for r in ours_runs]),
-        "gflops_wall": _median([r["matmul"]["gflops"] for r in ours_runs]),
+        "gflops_cpu": median([r["matmul"]["gflops_cpu"] for r in ours_runs]),
+        "gflops_wall": median([r["matmul"]["gflops"] for r in ours_runs]),
         "per_process_gflops_cpu": [r["matmul"]["gflops_cpu"] for r in ours_runs],
-        "jax_bf16_gflops_cpu": _median([r["matmul_bf16"]["gflops_cpu"] for r in ours_runs]),
-        "jax_layer_matmul_gflops_cpu": _median([r["layer_matmul"]["gflops_cpu"] for r in ours_runs]),
-        "jax_layer_matmul_bf16_gflops_cpu": _median([r["layer_matmul_bf16"]["gflops_cpu"] for r in ours_runs]),
+        "jax_bf16_gflops_cpu": median([r["matmul_bf16"]["gflops_cpu"] for r in ours_runs]),
+        "jax_layer_matmul_gflops_cpu": median([r["layer_matmul"]["gflops_cpu"] for r in ours_runs]),
+        "jax_layer_matmul_bf16_gflops_cpu": median([r["layer_matmul_bf16"]["gflops_cpu"] for r in ours_runs]),
         "layer_matmul_shape": first["layer_matmul"]["shape"],
     }
     mbrl_info = {"available": False, "skipped": "no --mbrl-python and no MBRL_PYTHON: mbrl-lib was not run",
@@ -261,7 +252,7 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
                                       options.members)
         per_wall = [r["median_action_seconds"] for r in mbrl_runs]
         per_cpu = [r["median_action_cpu_seconds"] for r in mbrl_runs]
-        wall, cpu = _median(per_wall), _median(per_cpu)
+        wall, cpu = median(per_wall), median(per_cpu)
         results["mbrl"] = {
             "label": LABELS["mbrl"],
             "action_cpu_seconds_median": cpu, "action_seconds_median": wall,
@@ -271,8 +262,8 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
             "action_cpu_seconds": [r["action_cpu_seconds"] for r in mbrl_runs],
             "episodes_started": [r["episodes_started"] for r in mbrl_runs],
         }
-        ceiling["torch_gflops_cpu"] = _median([r["matmul"]["gflops_cpu"] for r in mbrl_runs])
-        ceiling["torch_layer_matmul_gflops_cpu"] = _median([r["layer_matmul"]["gflops_cpu"] for r in mbrl_runs])
+        ceiling["torch_gflops_cpu"] = median([r["matmul"]["gflops_cpu"] for r in mbrl_runs])
+        ceiling["torch_layer_matmul_gflops_cpu"] = median([r["layer_matmul"]["gflops_cpu"] for r in mbrl_runs])
         for name in VARIANTS:
             ratios[name] = {
                 "speedup_cpu": cpu / results[name]["action_cpu_seconds_median"],
@@ -506,7 +497,7 @@ def _worker(options) -> int:
         "matmul": matmul, "matmul_bf16": matmul_bf16,
         "layer_matmul": layer_f32, "layer_matmul_bf16": layer_bf16,
         "checks": checks,
-        "machine": _machine(options),
+        "machine": machine_info(options.core),
     }
     options.result.write_text(json.dumps(result, indent=2))
     return 0
@@ -697,33 +688,6 @@ def _checks(options, system, spec, model, planner, mm_f32, mm_bf16, random_trans
                               "action_range": [float(lower[0]), float(upper[0])]}
     return out
 
-
-def _machine(options) -> dict:
-    import equinox
-    import jax
-    import jaxlib
-    import numpy as np
-
-    import forethought
-
-    cpu = "unknown"
-    flags = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx512_bf16", "amx"))]
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(), "cpu": cpu, "cpu_bf16_flags": flags, "cpu_count": os.cpu_count(),
-        "pinned_core": options.core, "affinity": sorted(os.sched_getaffinity(0)),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-        "equinox": equinox.__version__, "numpy": np.__version__,
-        "forethought": forethought.__version__, "jax_backend": jax.default_backend(),
-    }
 
 
 # ----- output ------------------------------------------------------------------------------------

@@ -254,6 +254,8 @@ def cmd_bench(options: argparse.Namespace, rest: list[str]) -> int:
     if name not in available:
         raise UsageError(f"unknown benchmark {options.name!r}; expected one of: {', '.join(available) or 'none'} "
                          f"(in {folder})")
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))  # benchmarks import their shared `_common` module
     spec = importlib.util.spec_from_file_location(f"forethought_bench_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]

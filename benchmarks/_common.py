@@ -1,0 +1,55 @@
+"""What the benchmarks share: the machine record, the peer process environment, medians.
+
+Benchmarks import this as `_common` (the `forethought bench` command and a benchmark run as a
+worker script both have `benchmarks/` on `sys.path`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+from pathlib import Path
+
+
+def machine_info(core: int | None) -> dict:
+    """The CPU, its bfloat16/AMX flags, the pinning, XLA flags and library versions."""
+    import equinox
+    import jax
+    import jaxlib
+    import numpy as np
+    import optax
+
+    import forethought
+
+    cpu, flags = "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and cpu == "unknown":
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx512_bf16", "amx"))]
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(), "cpu": cpu, "cpu_bf16_flags": flags, "cpu_count": os.cpu_count(),
+        "pinned_core": core, "affinity": sorted(os.sched_getaffinity(0)),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""), "threads_in_process": len(os.listdir("/proc/self/task")),
+        "python": platform.python_version(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+        "equinox": equinox.__version__, "optax": optax.__version__, "numpy": np.__version__,
+        "forethought": forethought.__version__, "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def peer_env() -> dict:
+    """The environment of a peer's process (another venv): ours, less what points Python at our
+    packages, with one BLAS/OpenMP thread."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
+    return env
+
+
+def median(values):
+    return statistics.median(values) if values else None
