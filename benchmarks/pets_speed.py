@@ -19,6 +19,8 @@ What is timed as one action:
 - `ours`: `forethought.agents.mpc.Planner(PETSConfig(...those settings..., noise_beta=0.0),
   system, spec).act(model, x, U, key)`, one jitted call per step, on `systems.make("cartpole")`
   (its cost is cheap; the model dominates), plus waiting for its result;
+- `ours_bf16`: the same `Planner` with `planning_matmuls="bfloat16"` (the library's option:
+  bfloat16 inputs to the model's matrix products, float32 accumulation);
 - `ours_defaults`: the same `Planner` with `PETSConfig()`'s defaults (its own, cheaper settings);
 - two alternatives of the model rollout built in this worker (src/ is not changed), fed to the
   same CEM search (`Planner._search`) with the same keys, for the lead to judge:
@@ -55,6 +57,7 @@ without one, only our side runs and the JSON says so.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -72,10 +75,11 @@ INSTALL_NOTE = ("mbrl-lib 0.2.0 in its own venv, never a forethought dependency:
                 "VENV/bin/pip install torch==2.13.0 (CPU); VENV/bin/pip install mbrl==0.2.0; "
                 "VENV/bin/pip install hydra-core==1.3.2 omegaconf==2.3.0 (see ../shared/peers/mbrl-lib.md); "
                 "then --mbrl-python VENV/bin/python")
-VARIANTS = ("ours", "ours_mm_f32", "ours_mm_bf16", "ours_defaults")
+VARIANTS = ("ours", "ours_bf16", "ours_mm_f32", "ours_mm_bf16", "ours_defaults")
 LABELS = {
     "mbrl": "mbrl-lib TrajectoryOptimizerAgent + CEMOptimizer",
     "ours": "forethought Planner (PETSConfig at mbrl-lib's settings)",
+    "ours_bf16": "forethought Planner, same settings, planning_matmuls='bfloat16'",
     "ours_mm_f32": "alternative rollout, member-major, float32 (this worker)",
     "ours_mm_bf16": "alternative rollout, member-major, bfloat16 matmul inputs (this worker)",
     "ours_defaults": "forethought Planner, PETSConfig() defaults",
@@ -404,12 +408,14 @@ def _worker(options) -> int:
     spec, model = build(mbrl_settings, jax.random.key(options.seed))
     spec_d, model_d = build(defaults, jax.random.key(options.seed + 1))
     planner = Planner(mbrl_settings, system, spec)
+    planner_bf16 = Planner(dataclasses.replace(mbrl_settings, planning_matmuls="bfloat16"), system, spec)
     planner_d = Planner(defaults, system, spec_d)
 
     mm_f32 = member_major_act(planner, jnp.float32)
     mm_bf16 = member_major_act(planner, jnp.bfloat16)
     variants = {
         "ours": (planner.act, planner, model, mbrl_settings),
+        "ours_bf16": (planner_bf16.act, planner_bf16, model, planner_bf16.config),
         "ours_mm_f32": (mm_f32, planner, model, mbrl_settings),
         "ours_mm_bf16": (mm_bf16, planner, model, mbrl_settings),
         "ours_defaults": (planner_d.act, planner_d, model_d, defaults),
@@ -701,6 +707,7 @@ def _plot(record: dict, path: Path) -> None:
     results, ceiling, ratios = record["results"], record["ceiling"], record.get("ratios") or {}
     sides = [("mbrl", "mbrl-lib\n(torch, float32)", "#d62728"),
              ("ours", "forethought\nPlanner (float32)", "#1f77b4"),
+             ("ours_bf16", "forethought\nPlanner\nbf16 matmuls", "#17becf"),
              ("ours_mm_f32", "alternative\nmember-major\nfloat32", "#6baed6"),
              ("ours_mm_bf16", "alternative\nmember-major\nbf16 matmul", "#9467bd"),
              ("ours_defaults", "forethought\nPETSConfig()\ndefaults", "#2ca02c")]

@@ -141,3 +141,14 @@ def test_the_hand_derived_silu_matches_jax():
     x = jnp.linspace(-8.0, 8.0, 101)
     np.testing.assert_allclose(silu(x), jax.nn.silu(x), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(jax.vmap(jax.grad(silu))(x), jax.vmap(jax.grad(jax.nn.silu))(x), rtol=1e-5, atol=1e-6)
+
+
+def test_bfloat16_matmuls_give_nearly_the_float32_prediction(fitted):
+    model, _ = fitted
+    X = jnp.linspace(-2.5, 2.5, 20)[:, None]
+    u = jnp.zeros(1)
+    exact = model.as_dynamics(jax.random.key(0), particles=20)(X, u, 0)
+    rounded = model.as_dynamics(jax.random.key(0), particles=20, matmul_dtype=jnp.bfloat16)(X, u, 0)
+    assert rounded.dtype == exact.dtype
+    np.testing.assert_allclose(rounded, exact, atol=0.05)
+    assert float(jnp.max(jnp.abs(rounded - exact))) > 0  # it did take the bfloat16 path
