@@ -6,14 +6,8 @@ import pytest
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec, particle_cost, state_features
 from forethought.models.train import TrainConfig, evaluate, fit, gaussian_nll
+from tests.models.data import noisy_sine
 
-
-def noisy_sine(n, seed, noise=0.1, low=-3.0, high=3.0):
-    rng = np.random.default_rng(seed)
-    x = rng.uniform(low, high, (n, 1)).astype(np.float32)
-    u = rng.uniform(-1, 1, (n, 1)).astype(np.float32)
-    next_x = x + np.sin(x) + 0.5 * u + noise * rng.normal(size=(n, 1)).astype(np.float32)
-    return x, u, next_x
 
 
 @pytest.fixture(scope="module")
