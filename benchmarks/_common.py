@@ -53,3 +53,44 @@ def peer_env() -> dict:
 
 def median(values):
     return statistics.median(values) if values else None
+
+
+class WorkerFailed(RuntimeError):
+    """A benchmark worker process exited non-zero or wrote no result."""
+
+    def __init__(self, side: str, code: int, command: list[str]):
+        super().__init__(f"the {side} worker failed (exit {code}); command: {' '.join(command)}")
+        self.code = code or 1
+
+
+def ours_env(xla_flags: str) -> dict:
+    """Our worker's environment: the CPU backend with `xla_flags` added before JAX starts."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {xla_flags}".strip()
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run_alternating(commands, processes: int, env: dict, tag: str, tmp: Path) -> dict[str, list[dict]]:
+    """Run each side's worker `processes` times, alternating who goes first each round so
+    drifting load hits both sides alike. `commands[side](round_) -> argv` (without `--result`),
+    or None to skip that side. Returns each side's parsed JSON results; raises `WorkerFailed`."""
+    import json
+    import subprocess
+    import sys
+
+    sides = list(commands)
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
+    for round_ in range(processes):
+        for side in (sides if round_ % 2 == 0 else sides[::-1]):
+            command = commands[side](round_)
+            if command is None:
+                continue
+            result = Path(tmp) / f"{side}-{round_}.json"
+            command = [*command, "--result", str(result)]
+            print(f"[{tag}] process {round_ + 1}/{processes} {side}", file=sys.stderr, flush=True)
+            code = subprocess.run(command, env=env if side == "ours" else peer_env(), stdout=sys.stderr).returncode
+            if code != 0 or not result.is_file():
+                raise WorkerFailed(side, code, command)
+            runs[side].append(json.loads(result.read_text()))
+    return runs

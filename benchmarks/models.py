@@ -46,13 +46,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_info, median, peer_env
+from _common import WorkerFailed, machine_info, median, ours_env, run_alternating
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "mbrl_models.py"
@@ -155,37 +154,23 @@ def main(out_dir: Path, argv: list[str]) -> int:
     for name in ("epochs", "warmup", "members", "hidden", "layers", "batch_size", "learning_rate",
                  "weight_decay", "matmul_size", "matmul_repeats", "seed"):
         common += [f"--{name.replace('_', '-')}", str(getattr(options, name))]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
     load_before = os.getloadavg()
-    runs: dict[str, list[dict]] = {"ours": [], "mbrl": []}
     with tempfile.TemporaryDirectory() as tmp:
         import numpy as np
 
         data_path = Path(tmp) / "data.npz"
         np.savez(data_path, **make_data(options.transitions, options.state_dim, options.action_dim,
                                         options.seed))
-        for round_ in range(options.processes):
-            # alternate who goes first, so drifting load hits both sides alike
-            order = ["ours", "mbrl"] if round_ % 2 == 0 else ["mbrl", "ours"]
-            for side in order:
-                if side == "mbrl" and mbrl_python is None:
-                    continue
-                result = Path(tmp) / f"{side}-{round_}.json"
-                if side == "ours":
-                    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours"]
-                else:
-                    command = [str(mbrl_python), str(PEER_SCRIPT)]
-                command += ["--data", str(data_path), "--result", str(result), *common]
-                print(f"[models] process {round_ + 1}/{options.processes} {side}", file=sys.stderr, flush=True)
-                code = subprocess.run(command, env=env if side == "ours" else peer_env(),
-                                      stdout=sys.stderr).returncode
-                if code != 0 or not result.is_file():
-                    print(f"forethought bench models: error: the {side} worker failed (exit {code}); "
-                          f"command: {' '.join(command)}", file=sys.stderr)
-                    return code or 1
-                runs[side].append(json.loads(result.read_text()))
+        data = ["--data", str(data_path)]
+        commands = {
+            "ours": lambda round_: [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", *data, *common],
+            "mbrl": lambda round_: None if mbrl_python is None else [str(mbrl_python), str(PEER_SCRIPT), *data, *common],
+        }
+        try:
+            runs = run_alternating(commands, options.processes, ours_env(XLA_FLAGS), "models", Path(tmp))
+        except WorkerFailed as failure:
+            print(f"forethought bench models: error: {failure}", file=sys.stderr)
+            return failure.code
 
     record = _summarise(options, argv, runs, core, mbrl_python, load_before, started)
     out_dir.mkdir(parents=True, exist_ok=True)

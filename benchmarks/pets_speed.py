@@ -61,13 +61,12 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_info, median, peer_env
+from _common import WorkerFailed, machine_info, median, ours_env, run_alternating
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "mbrl_pets.py"
@@ -173,34 +172,22 @@ def main(out_dir: Path, argv: list[str]) -> int:
         common += [f"--{name.replace('_', '-')}", str(getattr(options, name))]
     ours_common = common + ["--elite-fraction", str(options.elite_fraction)]
     peer_common = common + ["--elite-ratio", str(options.elite_fraction)]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {XLA_FLAGS}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
     load_before = os.getloadavg()
-    runs: dict[str, list[dict]] = {"ours": [], "mbrl": []}
+
+    def ours(round_):
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", *ours_common]
+        return command + ["--checks"] if round_ == 0 else command
+
+    def mbrl(round_):
+        return None if mbrl_python is None else [str(mbrl_python), str(PEER_SCRIPT), *peer_common]
+
     with tempfile.TemporaryDirectory() as tmp:
-        for round_ in range(options.processes):
-            # alternate who goes first, so drifting load hits both sides alike
-            order = ["ours", "mbrl"] if round_ % 2 == 0 else ["mbrl", "ours"]
-            for side in order:
-                if side == "mbrl" and mbrl_python is None:
-                    continue
-                result = Path(tmp) / f"{side}-{round_}.json"
-                if side == "ours":
-                    command = [sys.executable, str(Path(__file__).resolve()), "--worker", "ours", *ours_common]
-                    if round_ == 0:
-                        command.append("--checks")
-                else:
-                    command = [str(mbrl_python), str(PEER_SCRIPT), *peer_common]
-                command += ["--result", str(result)]
-                print(f"[pets_speed] process {round_ + 1}/{options.processes} {side}", file=sys.stderr, flush=True)
-                code = subprocess.run(command, env=env if side == "ours" else peer_env(),
-                                      stdout=sys.stderr).returncode
-                if code != 0 or not result.is_file():
-                    print(f"forethought bench pets_speed: error: the {side} worker failed (exit {code}); "
-                          f"command: {' '.join(command)}", file=sys.stderr)
-                    return code or 1
-                runs[side].append(json.loads(result.read_text()))
+        try:
+            runs = run_alternating({"ours": ours, "mbrl": mbrl}, options.processes, ours_env(XLA_FLAGS),
+                                   "pets_speed", Path(tmp))
+        except WorkerFailed as failure:
+            print(f"forethought bench pets_speed: error: {failure}", file=sys.stderr)
+            return failure.code
 
     record = _summarise(options, argv, runs, core, mbrl_python, load_before, started)
     out_dir.mkdir(parents=True, exist_ok=True)
