@@ -94,3 +94,31 @@ def run_alternating(commands, processes: int, env: dict, tag: str, tmp: Path) ->
                 raise WorkerFailed(side, code, command)
             runs[side].append(json.loads(result.read_text()))
     return runs
+
+
+class UsageError(ValueError):
+    """A bad benchmark flag; `main` prints it on one line and exits 2."""
+
+
+def pick_core(requested: int | None) -> int:
+    """The core to pin to: `requested`, else the highest this process may use."""
+    allowed = sorted(os.sched_getaffinity(0))
+    core = allowed[-1] if requested is None else requested
+    if core not in allowed:
+        raise UsageError(f"--core {core} is not one of the usable cores {allowed}")
+    return core
+
+
+def peer_path(flag: Path | None, variable: str) -> Path | None:
+    """A peer's path from its flag, else from the environment variable `variable`, else None."""
+    if flag is not None:
+        return flag
+    return Path(os.environ[variable]) if os.environ.get(variable) else None
+
+
+def peer_python(flag: Path | None) -> Path | None:
+    """The python of mbrl-lib's venv (`--mbrl-python` or `$MBRL_PYTHON`), checked to be executable."""
+    python = peer_path(flag, "MBRL_PYTHON")
+    if python is not None and not (python.is_file() and os.access(python, os.X_OK)):
+        raise UsageError(f"--mbrl-python {python} is not an executable file")
+    return python

@@ -58,7 +58,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine_info
+from _common import UsageError, machine_info, peer_path, pick_core
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 PARTS = ("ilqr", "cem")
@@ -93,19 +93,17 @@ def _parser() -> argparse.ArgumentParser:
 def main(out_dir: Path, argv: list[str]) -> int:
     options = _parser().parse_args(argv)
     started = time.perf_counter()
-    trajax_path = options.trajax or (Path(os.environ["TRAJAX_PATH"]) if os.environ.get("TRAJAX_PATH")
-                                     else None)
+    trajax_path = peer_path(options.trajax, "TRAJAX_PATH")
     if trajax_path is not None:
         trajax_path = trajax_path.expanduser().resolve()
         if not (trajax_path / "trajax" / "optimizers.py").is_file():
             print(f"forethought bench control: error: --trajax {trajax_path} has no "
                   f"trajax/optimizers.py (give the checkout's root folder)", file=sys.stderr)
             return 2
-    allowed = sorted(os.sched_getaffinity(0))
-    core = allowed[-1] if options.core is None else options.core
-    if core not in allowed:
-        print(f"forethought bench control: error: --core {core} is not one of the usable cores "
-              f"{allowed}", file=sys.stderr)
+    try:
+        core = pick_core(options.core)
+    except UsageError as error:
+        print(f"forethought bench control: error: {error}", file=sys.stderr)
         return 2
 
     env = dict(os.environ)

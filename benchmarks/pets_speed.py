@@ -66,7 +66,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import WorkerFailed, machine_info, median, ours_env, run_alternating
+from _common import (UsageError, WorkerFailed, machine_info, median, ours_env, peer_python, pick_core,
+                     run_alternating)
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "mbrl_pets.py"
@@ -139,17 +140,11 @@ def flops_per_action(iterations, population, particles, horizon, input_dim, hidd
 def main(out_dir: Path, argv: list[str]) -> int:
     options = _parser().parse_args(argv)
     started = time.perf_counter()
-    mbrl_python = options.mbrl_python or (Path(os.environ["MBRL_PYTHON"]) if os.environ.get("MBRL_PYTHON")
-                                          else None)
-    if mbrl_python is not None and not (mbrl_python.is_file() and os.access(mbrl_python, os.X_OK)):
-        print(f"forethought bench pets_speed: error: --mbrl-python {mbrl_python} is not an executable file",
-              file=sys.stderr)
-        return 2
-    allowed = sorted(os.sched_getaffinity(0))
-    core = allowed[-1] if options.core is None else options.core
-    if core not in allowed:
-        print(f"forethought bench pets_speed: error: --core {core} is not one of the usable cores {allowed}",
-              file=sys.stderr)
+    try:
+        mbrl_python = peer_python(options.mbrl_python)
+        core = pick_core(options.core)
+    except UsageError as error:
+        print(f"forethought bench pets_speed: error: {error}", file=sys.stderr)
         return 2
     for name in ("processes", "actions", "members", "hidden", "layers", "horizon", "population",
                  "iterations", "particles"):

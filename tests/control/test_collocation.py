@@ -17,6 +17,7 @@ from forethought.control.ilqr import ilqr
 from forethought.control.lqr import lqr
 from forethought.control.shooting import rollout
 from forethought.errors import ForethoughtError
+from tests.control.problems import toy_cost, toy_dynamics, toy_final
 
 
 @pytest.fixture
@@ -37,19 +38,6 @@ newton_direction = jax.jit(newton_direction)
 N, M, T_TOY = 3, 2, 4
 
 
-def toy_dynamics(x, u, t):
-    return x + 0.1 * jnp.stack([jnp.sin(x[1]) * u[0] + x[2],
-                                jnp.cos(x[0]) * u[0] * u[1],
-                                x[0] * x[1] + u[1] ** 2 + 0.1 * t])
-
-
-def toy_cost(x, u, t):
-    return ((1.0 + 0.1 * t) * (0.5 * x @ x + 0.01 * jnp.sum(x**4)) + 0.1 * u @ u
-            + 0.05 * x[0] * u[1] + 0.1 * jnp.sin(x[2]) * u[0])
-
-
-def toy_final(x):
-    return 0.5 * x @ x + jnp.sum(jnp.sin(x))
 
 
 def toy_point(seed=0):
