@@ -1,0 +1,211 @@
+"""MBPO against SAC on the pendulum swing-up: return against environment steps (issue #6).
+
+    forethought bench mbpo [--agents sac,mbpo] [--seeds 0,1,2] [--episodes sac=150,mbpo=20]
+                           [--env pendulum] [--threshold -250] [--window 3]
+
+Runs each agent (any name of the agents registry, `forethought list`, with its default `Config`
+but for `episodes`) for each seed in this process, one after another, and records return, env
+steps and wall seconds per episode. The returns are those of the training episodes (SAC's
+stochastic policy, random actions during the warm-up), as every run folder's `metrics.csv` has
+them.
+
+Derived: "env steps to reach R", per seed the env steps at the end of the first episode whose
+trailing mean return over `--window` episodes is at least `--threshold` (default -250 on this
+pendulum: random actions score about -420, the true-dynamics CEM controller about -201), and
+the ratio of the first agent's (SAC's) median to each agent's. It also reports the threshold
+"SAC's best final return less 10% of its size" (a final return is the mean of a run's last five
+episodes).
+
+Adding an agent to the comparison later (MVE, SVG, BPTT, PPO on the model, ...) is
+`--agents sac,mbpo,mve --episodes sac=150,mbpo=20,mve=40`; an agent with no `--episodes` entry
+runs its `Config`'s default number of episodes. Writes `results/mbpo.json` (settings, machine,
+per-seed curves, wall times, steps-to-threshold) and `results/mbpo.png` (mean and min-max band
+over seeds, against env steps and against wall-clock minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import UsageError, machine_info
+
+DEFAULT_EPISODES = {"sac": 150, "mbpo": 20}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="forethought bench mbpo")
+    parser.add_argument("--agents", default="sac,mbpo", help="agents registry names, comma separated")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds, comma separated")
+    parser.add_argument("--episodes", default=",".join(f"{k}={v}" for k, v in DEFAULT_EPISODES.items()),
+                        help="N for every agent, or NAME=N pairs, comma separated")
+    parser.add_argument("--env", default="pendulum", help="a built-in system or gym:ID")
+    parser.add_argument("--threshold", type=float, default=-250.0, help="the return R of 'env steps to reach R'")
+    parser.add_argument("--window", type=int, default=3, help="episodes in the trailing mean compared with R")
+    return parser
+
+
+def _parse_episodes(text: str, agents: list[str]) -> dict[str, int | None]:
+    text = text.strip()
+    try:
+        if "=" not in text:
+            return {name: int(text) for name in agents}
+        pairs = dict(item.split("=", 1) for item in text.split(",") if item)
+        given = {name.strip(): int(value) for name, value in pairs.items()}
+    except ValueError:
+        raise UsageError(f"--episodes must be N or NAME=N pairs, got {text!r}") from None
+    return {name: given.get(name, DEFAULT_EPISODES.get(name)) for name in agents}
+
+
+def steps_to_reach(returns: list[float], env_steps: list[int], threshold: float, window: int) -> int | None:
+    """Env steps at the end of the first episode whose trailing `window`-episode mean return is
+    >= `threshold` (None if no episode gets there)."""
+    for i in range(window - 1, len(returns)):
+        if np.mean(returns[i - window + 1: i + 1]) >= threshold:
+            return int(env_steps[i])
+    return None
+
+
+def main(out_dir: Path, argv: list[str]) -> int:
+    options = _parser().parse_args(argv)
+    try:
+        from forethought import agents as registry
+        from forethought.errors import ForethoughtError
+
+        agents = [a.strip() for a in options.agents.split(",") if a.strip()]
+        for name in agents:
+            if name not in registry.names():
+                raise UsageError(f"--agents: unknown agent {name!r}; expected names from: "
+                                 f"{', '.join(registry.names())}")
+        try:
+            seeds = [int(s) for s in options.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UsageError(f"--seeds must be integers separated by commas, got {options.seeds!r}") from None
+        if not agents or not seeds:
+            raise UsageError("--agents and --seeds must each name at least one")
+        if options.window < 1:
+            raise UsageError(f"--window must be >= 1, got {options.window}")
+        episodes = _parse_episodes(options.episodes, agents)
+        configs = {}
+        for name in agents:
+            cls = registry.config_class(name)
+            try:
+                configs[name] = cls() if episodes[name] is None else cls(episodes=episodes[name])
+            except ForethoughtError as error:
+                raise UsageError(f"--episodes for {name}: {error}") from None
+    except UsageError as error:
+        print(f"forethought bench mbpo: error: {error}", file=sys.stderr)
+        return 2
+
+    import jax
+
+    from forethought._jax import enable_compilation_cache
+    from forethought.agents.base import MemoryRun
+    from forethought.systems.gym import make_env
+
+    enable_compilation_cache()
+    started = time.perf_counter()
+    results: dict[str, dict] = {}
+    for name in agents:
+        module = registry.load(name)
+        runs = []
+        for seed in seeds:
+            run = MemoryRun()
+            start = time.perf_counter()
+            module.train(configs[name], make_env(options.env), jax.random.key(seed), run)
+            runs.append({"seed": seed, "total_seconds": round(time.perf_counter() - start, 1),
+                         "returns": [round(float(r["return"]), 3) for r in run.rows],
+                         "env_steps": [int(r["env_steps"]) for r in run.rows],
+                         "wall_seconds": [float(r["wall_seconds"]) for r in run.rows]})
+            final = np.mean(runs[-1]["returns"][-5:])
+            print(f"{name} seed {seed}: final return {final:.1f} after {runs[-1]['env_steps'][-1]} env steps, "
+                  f"{runs[-1]['total_seconds']} s", file=sys.stderr, flush=True)
+        results[name] = {"config": dataclasses.asdict(configs[name]), "runs": runs}
+
+    first = agents[0]
+    best_final = max(np.mean(r["returns"][-5:]) for r in results[first]["runs"])
+    thresholds = {"fixed": options.threshold,
+                  f"{first}'s best final return less 10%": round(float(best_final - 0.1 * abs(best_final)), 3)}
+    summary_steps: dict[str, dict] = {}
+    for label, threshold in thresholds.items():
+        per_agent = {}
+        for name in agents:
+            steps = [steps_to_reach(r["returns"], r["env_steps"], threshold, options.window)
+                     for r in results[name]["runs"]]
+            reached = [s for s in steps if s is not None]
+            per_agent[name] = {"per_seed": steps,
+                               "median": statistics.median(reached) if len(reached) == len(steps) else None}
+        base = per_agent[first]["median"]
+        for name in agents:
+            mine = per_agent[name]["median"]
+            per_agent[name][f"{first}_steps_over_these"] = (round(base / mine, 2) if base and mine else None)
+        summary_steps[label] = {"threshold": threshold, "agents": per_agent}
+    for name in agents:
+        runs = results[name]["runs"]
+        results[name]["final_return"] = {"per_seed": [round(float(np.mean(r["returns"][-5:])), 1) for r in runs],
+                                         "mean": round(float(np.mean([np.mean(r["returns"][-5:]) for r in runs])), 1)}
+        results[name]["total_seconds"] = [r["total_seconds"] for r in runs]
+
+    summary = {
+        "task": f"{options.env}: return of each training episode against env steps",
+        "settings": {"agents": agents, "seeds": seeds, "episodes": episodes, "env": options.env,
+                     "threshold": options.threshold, "window": options.window,
+                     "steps_to_reach": "env steps at the end of the first episode whose trailing "
+                                       f"{options.window}-episode mean return >= threshold"},
+        "steps_to_reach": summary_steps,
+        "agents": results,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "machine": {**machine_info(None), "note": "2 cores shared with other jobs; not pinned"},
+    }
+    (out_dir / "mbpo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _plot(summary, out_dir / "mbpo.png")
+    print(json.dumps({"steps_to_reach": summary_steps,
+                      "final_return": {n: results[n]["final_return"]["mean"] for n in agents},
+                      "seconds_per_run": {n: results[n]["total_seconds"] for n in agents}}, indent=2))
+    return 0
+
+
+def _band(runs: list[dict], key: str):
+    """Mean, min and max over seeds on the first run's grid (`key` is the x axis)."""
+    x = np.asarray(runs[0][key], float)
+    ys = np.stack([np.interp(x, np.asarray(r[key], float), np.asarray(r["returns"], float)) for r in runs])
+    return x, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def _plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    fixed = summary["steps_to_reach"]["fixed"]
+    for i, (name, result) in enumerate(summary["agents"].items()):
+        runs = result["runs"]
+        median = fixed["agents"][name]["median"]
+        label = f"{name} ({len(runs)} seeds; reaches {fixed['threshold']:g} at " + (
+            f"{median:g} steps)" if median is not None else "never)")
+        for ax, key, scale in ((left, "env_steps", 1.0), (right, "wall_seconds", 60.0)):
+            x, mean, low, high = _band(runs, key)
+            ax.plot(x / scale, mean, color=f"C{i}", label=label if ax is left else name)
+            ax.fill_between(x / scale, low, high, color=f"C{i}", alpha=0.2, linewidth=0)
+    for ax in (left, right):
+        ax.axhline(fixed["threshold"], color="grey", linestyle="--", linewidth=0.8)
+        ax.set_ylabel("return (training episode)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    left.set_xlabel("environment steps (log)")
+    left.set_xscale("log")
+    right.set_xlabel("wall minutes")
+    settings = summary["settings"]
+    fig.suptitle(f"{settings['env']}: mean and min-max over seeds {settings['seeds']}; dashed: R = "
+                 f"{fixed['threshold']:g}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

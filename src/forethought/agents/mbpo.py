@@ -1,0 +1,291 @@
+"""Model-Based Policy Optimization (Janner et al. 2019): SAC on short rollouts of a learned model.
+
+Seed 001, Algorithm 2 ("environment data augmentation"; seed 002 section 5.2 files it under data
+augmentation, the modern Dyna), with this module's names:
+
+    1: initialise pi_phi (SAC, `forethought.rl.sac`), the ensemble p_theta, D_env, D_model
+    2: for each episode:
+    3:   every `model_train_every` (F) env steps: fit p_theta on all of D_env by maximum
+         likelihood (`models.train.fit`: a probabilistic ensemble, elites by held-out loss)
+    4:   for the E steps of the episode:
+    5:     act with pi_phi in the env; add to D_env
+    6:     M = `rollouts_per_step` model rollouts: start states s_t drawn uniformly from D_env,
+    7:     k steps each under pi_phi through the ensemble, a random elite per rollout and step
+           (TS1), added to D_model (a FIFO that keeps `model_retain_steps` env steps' worth)
+    9:     G = `updates_per_step` SAC updates on minibatches with a fraction `real_ratio` from
+   10:     D_env and the rest from D_model
+
+Lines 6-10 are batched: after each episode, every `update_every` env steps' worth of work runs
+as one jitted call, which draws `M * update_every` start states, rolls them out `k` steps
+(`vmap` over start states, `lax.scan` over the k steps), writes them into D_model and does
+`G * update_every` SAC updates in a `lax.scan`. So the policy acts one episode behind the
+per-step loop, as in the `sac` agent. The rollout length k grows linearly from
+`rollout_length_start` at episode `rollout_schedule_start` to `rollout_length_end` at episode
+`rollout_schedule_end` (MBPO's `[a, b, k_a, k_b]` schedule, in episodes).
+
+Rewards of model rollouts come from the built-in system's true cost, `r = -cost(s, a, 0)` (the
+built-in costs do not depend on time), and rollouts end where `system.is_terminal` says the task
+ends; only the dynamics are learned. Gymnasium envs without a built-in cost are refused: a learned
+reward head is future work. A rollout step whose prediction is not finite is dropped, with the
+rest of its rollout.
+
+    forethought run mbpo --env pendulum
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import equinox as eqx
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from forethought.agents import sac as sac_agent
+from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
+from forethought.errors import ForethoughtError
+from forethought.models.ensemble import Ensemble, EnsembleSpec
+from forethought.models.train import TrainConfig, fit
+from forethought.rl import sac
+from forethought.rl.buffer import ReplayBuffer
+from forethought.systems.gym import system_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Config(sac_agent.Config):
+    """MBPO: SAC on short branched rollouts of a probabilistic ensemble (seed 001 Algorithm 2)."""
+
+    episodes: int = 30
+    """Episodes in all, the random warm-up included."""
+    random_steps: int = 100
+    """Env steps of uniformly random actions before the first model fit."""
+    updates_per_step: int = 20
+    """G: SAC updates per env step."""
+    update_every: int = 25
+    """Env steps' worth of rollouts and updates done in one jitted call (after an episode)."""
+    real_ratio: float = 0.05
+    """Fraction of each SAC minibatch drawn from real transitions (the rest from model rollouts)."""
+    rollouts_per_step: int = 100
+    """M: model rollouts branched from real states per env step."""
+    rollout_length_start: int = 1
+    """k at episode `rollout_schedule_start` and before."""
+    rollout_length_end: int = 1
+    """k at episode `rollout_schedule_end` and after (linear in between)."""
+    rollout_schedule_start: int = 0
+    """Episode where the rollout length starts to change."""
+    rollout_schedule_end: int = 1
+    """Episode where the rollout length reaches `rollout_length_end`."""
+    model_retain_steps: int = 500
+    """Env steps' worth of rollouts the model buffer keeps (FIFO: M * max k * this many)."""
+    model_train_every: int = 250
+    """F: env steps between model fits (a fit happens after the episode that reaches F)."""
+    members: int = 7
+    """Ensemble members."""
+    elites: int = 5
+    """Members (best on held-out data) that rollouts draw from."""
+    model_hidden: int = 200
+    """Units per hidden layer of each member."""
+    model_layers: int = 3
+    """Hidden layers per member."""
+    model_learning_rate: float = 1e-3
+    """AdamW learning rate of the model fit."""
+    model_weight_decay: float = 5e-5
+    """Decoupled weight decay of the model fit."""
+    model_batch_size: int = 256
+    """Minibatch size per member of the model fit."""
+    model_max_epochs: int = 100
+    """Most epochs per model fit (early stopping usually ends sooner)."""
+    model_patience: int = 5
+    """Epochs without a 1% held-out improvement before a model fit stops."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        checks = {"rollouts_per_step": 1, "rollout_length_start": 1, "rollout_length_end": 1,
+                  "rollout_schedule_start": 0, "rollout_schedule_end": 0, "model_retain_steps": 1,
+                  "model_train_every": 1, "members": 1, "elites": 1, "model_hidden": 1, "model_layers": 1,
+                  "model_batch_size": 1, "model_max_epochs": 1, "model_patience": 1}
+        for name, minimum in checks.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ForethoughtError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if not 0 <= self.real_ratio <= 1:
+            raise ForethoughtError(f"real_ratio must be in [0, 1], got {self.real_ratio}")
+        if self.elites > self.members:
+            raise ForethoughtError(f"elites must be <= members ({self.members}), got {self.elites}")
+        if self.rollout_schedule_end < self.rollout_schedule_start:
+            raise ForethoughtError(f"rollout_schedule_end ({self.rollout_schedule_end}) must be >= "
+                                   f"rollout_schedule_start ({self.rollout_schedule_start})")
+        if self.model_retain_steps < self.update_every:
+            raise ForethoughtError(f"model_retain_steps must be >= update_every ({self.update_every}) so one "
+                                   f"call's rollouts fit in the model buffer, got {self.model_retain_steps}")
+        for name in ("model_learning_rate",):
+            if not getattr(self, name) > 0:
+                raise ForethoughtError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.model_weight_decay < 0:
+            raise ForethoughtError(f"model_weight_decay must be >= 0, got {self.model_weight_decay}")
+
+    def rollout_length(self, episode: int) -> int:
+        """k for the work after episode `episode` (the linear schedule, rounded down)."""
+        a, b = self.rollout_schedule_start, self.rollout_schedule_end
+        frac = 1.0 if b == a else min(max((episode - a) / (b - a), 0.0), 1.0)
+        if episode < a:
+            frac = 0.0
+        return int(self.rollout_length_start + frac * (self.rollout_length_end - self.rollout_length_start))
+
+    def batch_counts(self) -> tuple[int, int]:
+        """Minibatch transitions from (D_env, D_model)."""
+        real = int(round(self.real_ratio * self.batch_size))
+        return real, self.batch_size - real
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    returns: list[float]
+    env_steps: int
+    state: sac.SACState
+    model: Ensemble
+    policy: Callable[[np.ndarray, int], np.ndarray]
+    """`policy(observation, t) -> action`: the final actor's deterministic action."""
+
+
+def model_rollouts(spec: sac.SACSpec, system, model: Ensemble, actor: sac.Actor, starts: jax.Array,
+                   key: jax.Array, k: int) -> tuple[sac.Batch, jax.Array]:
+    """k-step rollouts of `pi_phi` through `model` from `starts [B, n]` (lines 7-8 of Algorithm 2).
+
+    Each step samples `a ~ pi_phi(. | s)`, moves every rollout with a random elite member and its
+    predicted noise (TS1: `model.as_dynamics(..., propagation="ts1")`), takes the reward
+    `-system.cost(s, a, 0)` and the end `system.is_terminal(s')`. Returns the transitions
+    `[k * B]` (step-major) and `valid [k * B]`: false after a rollout has ended or when a
+    prediction is not finite."""
+    B = starts.shape[0]
+    dynamics = model.as_dynamics(jax.random.fold_in(key, 0), particles=B, propagation="ts1")
+    action_key = jax.random.fold_in(key, 1)
+    cost = jax.vmap(system.cost, in_axes=(0, 0, None))
+
+    def step(carry, t):
+        x, alive = carry
+        action, _ = sac.policy(spec, actor, x, jax.random.fold_in(action_key, t))
+        x_next = dynamics(x, action, t)
+        finite = jnp.all(jnp.isfinite(x_next), axis=-1)
+        x_next = jnp.where(finite[:, None], x_next, x)
+        reward = -cost(x, action, 0)
+        done = jax.vmap(system.is_terminal)(x_next) if system.terminates else jnp.zeros((B,), bool)
+        valid = alive & finite
+        return (x_next, valid & ~done), (sac.Batch(x, action, reward, x_next, done), valid)
+
+    _, (batch, valid) = jax.lax.scan(step, (starts, jnp.ones((B,), bool)), jnp.arange(k))
+    return jax.tree.map(lambda a: a.reshape(k * B, *a.shape[2:]), batch), valid.reshape(k * B)
+
+
+@eqx.filter_jit
+def _segment(spec, system, model, learner, real, fake, key, rollouts, k, steps, counts):
+    """One batch of lines 6-10: `rollouts` branched k-step rollouts into D_model, then `steps`
+    SAC updates on mixed minibatches."""
+    start_key, rollout_key, update_key = jax.random.split(key, 3)
+    index = jax.random.randint(start_key, (rollouts,), 0, jnp.maximum(real.size, 1))
+    batch, valid = model_rollouts(spec, system, model, learner.actor, real.data.obs[index], rollout_key, k)
+    fake = sac.fifo_add(fake, batch, valid)
+    learner, metrics = sac.train_steps(spec, learner, (real, fake), counts, update_key, steps)
+    weights = valid.astype(jnp.float32)
+    metrics["rollout_reward"] = jnp.sum(batch.reward * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    metrics["rollout_valid"] = jnp.mean(weights)
+    return learner, fake, metrics
+
+
+def _check_env(env: gymnasium.Env):
+    system = system_of(env)
+    if system is None:
+        raise ForethoughtError("MBPO needs a built-in system's cost for its model rollouts for now (env "
+                               f"{env.spec.id if env.spec else type(env.unwrapped).__name__} has none); "
+                               "a learned reward model is not built yet")
+    return system
+
+
+def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None) -> Result:
+    run = run or MemoryRun()
+    system = _check_env(env)
+    spec = sac_agent.spec_for(config, env)
+    n, m = spec.obs_dim, spec.action_dim
+    model_spec = EnsembleSpec(n, m, members=config.members, hidden=config.model_hidden, layers=config.model_layers,
+                              angles=tuple(system.angles), probabilistic=True, elites=config.elites)
+    train_config = TrainConfig(learning_rate=config.model_learning_rate, weight_decay=config.model_weight_decay,
+                               batch_size=config.model_batch_size, max_epochs=config.model_max_epochs,
+                               patience=config.model_patience)
+    learner = sac.init(spec, jax.random.fold_in(key, 7))
+    model = Ensemble.create(model_spec, jax.random.fold_in(key, 8))
+    k_max = max(config.rollout_length_start, config.rollout_length_end)
+    fake = sac.empty_pool(n, m, config.rollouts_per_step * k_max * config.model_retain_steps)
+    buffer = ReplayBuffer(n, m, capacity=config.buffer_size)
+    counts = config.batch_counts()
+
+    counters = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
+                "pending": np.int64(0), "updates": np.int64(0), "last_fit": np.int64(-1)}
+    like = {"state": counters, "sac": learner, "model": model, "model_pool": fake}
+    returns: list[float] = []
+    restored = run.load_checkpoint(like)
+    if restored is not None:
+        saved, meta = restored
+        counters, learner, model, fake = saved["state"], saved["sac"], saved["model"], saved["model_pool"]
+        returns = list(meta.get("returns", []))
+        if (path := sac_agent.buffer_path(run)) is not None and path.exists():
+            buffer = ReplayBuffer.load(path)
+            buffer.truncate(int(meta["buffer_transitions"]))
+    start, env_steps = int(counters["episode"]), int(counters["env_steps"])
+    pending, updates, last_fit = int(counters["pending"]), int(counters["updates"]), int(counters["last_fit"])
+    clock = EpisodeClock(float(counters["elapsed"]))
+
+    run.progress(config.episodes, start=start)
+    try:
+        for episode in range(start, config.episodes):
+            ep_key = episode_key(key, episode)
+            policy = sac_agent.behaviour_policy(spec, learner.actor, jax.random.fold_in(ep_key, 1), env_steps,
+                                                config.random_steps,
+                                                episode_seed(jax.random.fold_in(key, 1), episode))
+            result = run_episode(env, policy, episode_seed(key, episode))
+            buffer.add_episode(result.observations, result.actions, result.rewards, result.terminated)
+            pending += sac_agent.owed_steps(env_steps, result.length, config.random_steps)
+            env_steps += result.length
+            returns.append(result.total_reward)
+            row = {"episode": episode, "env_steps": env_steps, "return": result.total_reward,
+                   "length": result.length, "wall_seconds": float("nan")}
+
+            # line 3: refit the model every F env steps, once the warm-up is over
+            model_epochs, holdout = 0, float("nan")
+            if env_steps >= config.random_steps and (last_fit < 0 or env_steps - last_fit >= config.model_train_every):
+                data = buffer.all()
+                model, report = fit(model, data.obs, data.action, data.next_obs, jax.random.fold_in(ep_key, 3),
+                                    train_config)
+                model_epochs, holdout, last_fit = report.epochs, report.holdout_loss[-1], env_steps
+
+            # lines 6-10, batched
+            k = config.rollout_length(episode)
+            metrics = []
+            real = sac_agent.real_pool(buffer) if pending >= config.update_every and last_fit >= 0 else None
+            chunk = 0
+            while real is not None and pending >= config.update_every:
+                steps = config.update_every * config.updates_per_step
+                learner, fake, m_ = _segment(spec, system, model, learner, real, fake,
+                                             jax.random.fold_in(jax.random.fold_in(ep_key, 2), chunk),
+                                             config.rollouts_per_step * config.update_every, k, steps, counts)
+                metrics.append(m_)
+                pending -= config.update_every
+                updates += steps
+                chunk += 1
+            row["wall_seconds"] = round(clock.elapsed, 3)
+            row.update(updates=updates, **sac_agent.metric_row(metrics), model_epochs=model_epochs,
+                       model_holdout_loss=holdout, rollout_length=k, model_pool=int(fake.size),
+                       rollout_reward=(round(float(np.mean([float(x["rollout_reward"]) for x in metrics])), 6)
+                                       if metrics else float("nan")))
+            run.log(**row)
+            counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
+                        "elapsed": np.float64(clock.elapsed), "pending": np.int64(pending),
+                        "updates": np.int64(updates), "last_fit": np.int64(last_fit)}
+            if (path := sac_agent.buffer_path(run)) is not None:
+                buffer.save(path)
+            run.save_checkpoint({"state": counters, "sac": learner, "model": model, "model_pool": fake},
+                                episode=episode + 1, returns=returns, buffer_transitions=len(buffer))
+    finally:
+        run.close_progress()
+    return Result(returns, env_steps, learner, model, sac_agent.greedy_policy(spec, learner.actor))
