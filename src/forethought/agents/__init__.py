@@ -17,6 +17,11 @@ AGENTS: dict[str, tuple[str, str]] = {
     "random": ("forethought.agents.random_policy", "Config"),
     "mpc": ("forethought.agents.mpc", "NaiveConfig"),
     "pets": ("forethought.agents.mpc", "PETSConfig"),
+    "dyna-q": ("forethought.agents.dyna_q", "Config"),
+    "dyna-q-plus": ("forethought.agents.dyna_q", "PlusConfig"),
+    "sac": ("forethought.agents.sac", "Config"),
+    "mbpo": ("forethought.agents.mbpo", "Config"),
+    "pilco": ("forethought.agents.pilco", "Config"),
 }
 
 

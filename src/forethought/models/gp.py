@@ -445,6 +445,13 @@ class GP(eqx.Module):
         Cost `O(d^2 N^2 D)`; the `[N, N]` terms are recomputed in the backward pass
         (`jax.checkpoint`) rather than stored, so differentiating a long rollout stays small.
         """
+        M, Sf, V = self.propagate(m, S, noise)
+        return M, Sf, jnp.asarray(S, M.dtype) @ V
+
+    def propagate(self, m: jax.Array, S: jax.Array, noise: bool = False
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`moment_match` in the form `models.moments` chains: `M`, `S_out` and
+        `V = S^{-1} cov[x, f(x)] [D, d]`, computed without inverting `S` (PILCO's `V`)."""
         m = jnp.asarray(m, self.X.dtype)
         S = jnp.asarray(S, self.X.dtype)
         D = self.spec.input_dim
@@ -454,13 +461,13 @@ class GP(eqx.Module):
         s_in, s_out = self.input_norm.std, self.target_norm.std
         mz = self.input_norm(m)
         Sz = S / (s_in[:, None] * s_in[None, :])
-        M, Sf, C = _moment_match_normalised(self, mz, Sz)
+        M, Sf, V = se_moments(self.X, self.beta, self.log_lengthscale, self.log_signal_var, mz, Sz, self.iK)
         if noise:
             Sf = Sf + jnp.diag(self._noise())
         M = self.target_norm.inverse(M)
         Sf = Sf * (s_out[:, None] * s_out[None, :])
-        C = C * (s_in[:, None] * s_out[None, :])
-        return M, Sf, C
+        V = V * (s_out[None, :] / s_in[:, None])
+        return M, Sf, V
 
     # ----- dynamics -------------------------------------------------------------------------------
     def inputs(self, x: jax.Array, u: jax.Array) -> jax.Array:
@@ -552,13 +559,19 @@ class GP(eqx.Module):
         return model
 
 
-def _moment_match_normalised(gp: GP, m: jax.Array, S: jax.Array):
-    """Moment matching in normalised units (the equations of the module docstring)."""
+def se_moments(X: jax.Array, beta: jax.Array, log_ell: jax.Array, log_sf2: jax.Array, m: jax.Array,
+               S: jax.Array, iK: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Moments of `f_a(x) = sum_i beta_ai k_a(X_i, x)` (SE kernels, `log_ell [d, D]`, `log_sf2 [d]`,
+    `beta [d, N]`, centres `X [N, D]`) for a Gaussian `x ~ N(m, S)` (the module docstring's
+    equations). With `iK [d, N, N]` (a GP's `K_a^{-1}`) the covariance includes the posterior
+    variance `E_x[var f_a(x)] = alpha_a^2 - tr(K_a^{-1} Q_aa)`; without it `f` is a deterministic
+    RBF network (PILCO's RBF policy). Returns `M [d]`, `cov[f] [d, d]` and
+    `V = S^{-1} cov[x, f] [D, d]`, computed without inverting `S` (which may be singular)."""
     D = m.shape[0]
     eye = jnp.eye(D, dtype=m.dtype)
-    nu = gp.X - m  # [N, D]
+    nu = X - m  # [N, D]
 
-    def mean_and_cross(log_ell, log_sf2, beta):
+    def mean_and_slope(log_ell, log_sf2, beta):
         iell = jnp.exp(-log_ell)
         inp = nu * iell  # Lambda^{-1/2} nu_i
         B = iell[:, None] * S * iell[None, :] + eye  # Lambda^{-1/2} S Lambda^{-1/2} + I
@@ -567,12 +580,12 @@ def _moment_match_normalised(gp: GP, m: jax.Array, S: jax.Array):
         q = jnp.exp(log_sf2 - 0.5 * jnp.sum(inp * t, axis=1) - 0.5 * logdet)
         bq = beta * q
         # (S + Lambda)^{-1} nu_i = Lambda^{-1/2} B^{-1} Lambda^{-1/2} nu_i = iell * t_i
-        return jnp.sum(bq), S @ ((t * iell).T @ bq)
+        return jnp.sum(bq), (t * iell).T @ bq
 
-    M, C = jax.vmap(mean_and_cross)(gp.log_lengthscale, gp.log_signal_var, gp.beta)
+    M, V = jax.vmap(mean_and_slope)(log_ell, log_sf2, beta)
 
-    scaled = nu[None] * jnp.exp(-gp.log_lengthscale)[:, None]  # [d, N, D]
-    log_k = gp.log_signal_var[:, None] - 0.5 * jnp.sum(scaled**2, -1)  # log k_a(x_i, m), [d, N]
+    scaled = nu[None] * jnp.exp(-log_ell)[:, None]  # [d, N, D]
+    log_k = log_sf2[:, None] - 0.5 * jnp.sum(scaled**2, -1)  # log k_a(x_i, m), [d, N]
 
     @jax.checkpoint
     def Q(log_ell_a, log_ell_b, log_k_a, log_k_b):
@@ -591,16 +604,15 @@ def _moment_match_normalised(gp: GP, m: jax.Array, S: jax.Array):
         return a_beta @ Q(a_ell, b_ell, a_k, b_k) @ b_beta
 
     over_b = jax.vmap(second_moment, in_axes=(None, None, None, 0, 0, 0))
-    EfF = jax.vmap(over_b, in_axes=(0, 0, 0, None, None, None))(
-        gp.log_lengthscale, log_k, gp.beta, gp.log_lengthscale, log_k, gp.beta)
+    EfF = jax.vmap(over_b, in_axes=(0, 0, 0, None, None, None))(log_ell, log_k, beta, log_ell, log_k, beta)
+    Sf = EfF - jnp.outer(M, M)
+    if iK is not None:
+        def expected_variance(log_ell, lk, log_sf2, iK):
+            """`E_x[var f_a(x)] = alpha_a^2 - tr(K_a^{-1} Q_aa)`."""
+            return jnp.exp(log_sf2) - jnp.sum(iK * Q(log_ell, log_ell, lk, lk))
 
-    def expected_variance(log_ell, lk, log_sf2, iK):
-        """`E_x[var f_a(x)] = alpha_a^2 - tr(K_a^{-1} Q_aa)`."""
-        return jnp.exp(log_sf2) - jnp.sum(iK * Q(log_ell, log_ell, lk, lk))
-
-    Ev = jax.vmap(expected_variance)(gp.log_lengthscale, log_k, gp.log_signal_var, gp.iK)
-    Sf = EfF - jnp.outer(M, M) + jnp.diag(Ev)
-    return M, (Sf + Sf.T) / 2, C.T
+        Sf = Sf + jnp.diag(jax.vmap(expected_variance)(log_ell, log_k, log_sf2, iK))
+    return M, (Sf + Sf.T) / 2, V.T
 
 
 @eqx.filter_jit

@@ -1,0 +1,285 @@
+"""PILCO: probabilistic inference for learning control (seed 003, "Case study: PILCO"; Deisenroth
+and Rasmussen, ICML 2011).
+
+    forethought run pilco --env cartpole            # swing-up in 2.5 s episodes
+    forethought run pilco --env pendulum
+    forethought run pilco --env cartpole --policy linear
+
+The loop of the note's "PILCO Summary":
+
+    1. roll out random actions (`random_episodes`) and record the transitions
+    2. fit one GP per state dimension to the state differences (`models.gp`, SE kernel with ARD,
+       hyperparameters by marginal likelihood)
+    3. improve the policy: minimise the expected total saturating cost of the moment-matched
+       rollout from the start distribution, by L-BFGS on its exact gradient (`rl.pilco`)
+    4. roll the policy out on the system, add the data, and repeat from 2
+
+Episodes last `horizon` control steps of `action_repeat` env steps each (the action is held),
+which makes the cart-pole's 2.5 s episodes 25 steps of 0.1 s, as in PILCO, and the pendulum's
+40 steps of 0.1 s. The agent works in float64 (`float64=True`) as PILCO's code does: the
+moment-matching chain subtracts nearly equal numbers when the state is certain.
+
+Success is measured on the real episode: the policy's saturating cost stays below its value at
+half a cost width from the target (`1 - exp(-1/8)`, the tip within 12.5 cm on the cart-pole)
+over the last `success_fraction` of the episode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Literal
+
+import equinox as eqx
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed
+from forethought.errors import ForethoughtError
+from forethought.models.ensemble import state_features
+from forethought.models.gp import GP, GPConfig
+from forethought.rl.pilco import Layout, LinearPolicy, RBFPolicy, optimise_policy, predict, tip_cost
+from forethought.systems.gym import system_of
+
+# (horizon, action_repeat) per system: PILCO's episode lengths and 0.1 s control periods.
+EPISODES = {"cartpole": (25, 1), "pendulum": (40, 2)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """PILCO: GP dynamics, moment-matched rollouts, analytic policy gradients (Deisenroth 2011)."""
+
+    episodes: int = 15
+    """Episodes in all, the random one included."""
+    random_episodes: int = 1
+    """Episodes of uniformly random actions before the first fit."""
+    policy: Literal["rbf", "linear"] = "rbf"
+    """The policy: an RBF network or a linear map of the state features, saturated to the bounds."""
+    basis: int = 50
+    """RBF basis functions."""
+    iterations: int = 150
+    """L-BFGS iterations per policy optimisation (PILCO: 150 line searches)."""
+    horizon: int | None = None
+    """Control steps per episode and of the predicted rollout; None: cart-pole 25, pendulum 40,
+    else the system's horizon."""
+    action_repeat: int | None = None
+    """Env steps each action is held for; None: cart-pole 1, pendulum 2 (0.1 s control periods)."""
+    cost_width: float | None = None
+    """Width of the saturating cost; None: the system's (cart-pole 0.25 m, pendulum half its length)."""
+    gp_restarts: int = 2
+    """Starts of the GP hyperparameter fit per state dimension."""
+    gp_max_points: int = 1000
+    """Most points the GP hyperparameters are fit on (all points condition the posterior)."""
+    success_fraction: float = 0.2
+    """The final fraction of an episode over which success is judged."""
+    float64: bool = True
+    """Work in float64, as PILCO's code does."""
+
+    def __post_init__(self):
+        for name, minimum in {"episodes": 2, "basis": 1, "iterations": 1, "gp_restarts": 1,
+                              "gp_max_points": 2}.items():
+            if getattr(self, name) < minimum:
+                raise ForethoughtError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        for name in ("horizon", "action_repeat"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ForethoughtError(f"{name} must be >= 1 (or None for the system's default), "
+                                       f"got {getattr(self, name)}")
+        if not 1 <= self.random_episodes < self.episodes:
+            raise ForethoughtError(f"random_episodes must be >= 1 and < episodes ({self.episodes}), "
+                                   f"got {self.random_episodes}")
+        if self.policy not in ("rbf", "linear"):
+            raise ForethoughtError(f"policy must be 'rbf' or 'linear', got {self.policy!r}")
+        if self.cost_width is not None and not self.cost_width > 0:
+            raise ForethoughtError(f"cost_width must be > 0, got {self.cost_width}")
+        if not 0 < self.success_fraction <= 1:
+            raise ForethoughtError(f"success_fraction must be in (0, 1], got {self.success_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    returns: list[float]
+    env_steps: int
+    successes: list[bool]
+    model: GP | None
+    policy_module: eqx.Module
+    policy: Callable[[np.ndarray, int], np.ndarray]
+    """`policy(observation, t) -> action`, holding each action for `action_repeat` env steps."""
+
+    @property
+    def trials_to_success(self) -> int | None:
+        """1-based index of the first successful episode, or None."""
+        return next((i + 1 for i, ok in enumerate(self.successes) if ok), None)
+
+
+class Setup:
+    """What a run fixes up front: the system, episode shape, start distribution, cost, layout."""
+
+    def __init__(self, config: Config, env: gymnasium.Env):
+        system = system_of(env)
+        if system is None:
+            raise ForethoughtError("PILCO needs a built-in system (its saturating cost and start "
+                                   f"distribution); env {env.spec.id if env.spec else type(env.unwrapped).__name__} "
+                                   "is not one")
+        self.system = system
+        horizon, repeat = EPISODES.get(system.name, (system.horizon, 1))
+        self.horizon = config.horizon or horizon
+        self.repeat = config.action_repeat or repeat
+        if self.horizon * self.repeat > system.horizon:
+            raise ForethoughtError(f"horizon x action_repeat ({self.horizon} x {self.repeat}) exceeds the "
+                                   f"env's episode of {system.horizon} steps")
+        self.n, self.m = system.state_dim, system.action_dim
+        self.angles = tuple(system.angles)
+        self.layout = Layout(self.n, self.angles)
+        self.cost = tip_cost(system, config.cost_width)
+        dtype = jnp.float64 if config.float64 else jnp.float32
+        self.dtype = dtype
+        self.m0 = jnp.asarray(system.initial_state(), dtype)
+        std = float(getattr(system, "init_std", 0.1))
+        self.S0 = jnp.eye(self.n, dtype=dtype) * std**2
+        self.u_max = np.asarray(system.action_high, np.float64)
+        self.capacity = config.episodes * self.horizon
+        self.features = len(self.layout.features)
+
+    def new_policy(self, config: Config, key: jax.Array):
+        if config.policy == "linear":
+            policy = LinearPolicy.create(self.features, self.u_max, key)
+        else:
+            mf, Sf, idx = self.layout.feature_moments(self.m0, self.S0)
+            idx = jnp.asarray(idx)
+            cov = Sf[jnp.ix_(idx, idx)] + 1e-8 * jnp.eye(len(idx), dtype=self.dtype)
+            policy = RBFPolicy.create(mf[idx], cov, config.basis, self.u_max, key)
+        return jax.tree.map(lambda a: a.astype(self.dtype) if eqx.is_inexact_array(a) else a, policy)
+
+    def act(self, policy) -> Callable[[np.ndarray], np.ndarray]:
+        angles = self.angles
+        action = jax.jit(lambda p, x: p(state_features(x, angles)))
+        return lambda obs: np.asarray(action(policy, jnp.asarray(obs, self.dtype)), np.float32)
+
+    def step_costs(self, observations: np.ndarray) -> np.ndarray:
+        """The saturating cost of each recorded state `[T+1]`."""
+        f = state_features(jnp.asarray(observations, self.dtype), self.angles)
+        return np.asarray(self.cost(f))
+
+
+def _episode(env, setup: Setup, act: Callable, seed: int):
+    """Roll one episode of `setup.horizon` control steps, holding each action `setup.repeat` env
+    steps; returns control-rate observations `[T+1, n]`, actions `[T, m]`, the env return and the
+    env steps taken."""
+    obs, _ = env.reset(seed=seed)
+    observations, actions, total, steps = [obs], [], 0.0, 0
+    for t in range(setup.horizon):
+        u = act(obs, t)
+        for _ in range(setup.repeat):
+            obs, reward, terminated, truncated, _ = env.step(u)
+            total += float(reward)
+            steps += 1
+            if terminated or truncated:
+                break
+        observations.append(obs)
+        actions.append(u)
+        if terminated or truncated:
+            break
+    return np.asarray(observations, np.float64), np.asarray(actions, np.float64), total, steps
+
+
+def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None) -> Result:
+    with jax.enable_x64(config.float64):
+        return _train(config, env, key, run or MemoryRun())
+
+
+def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> Result:
+    setup = Setup(config, env)
+    n, m, cap = setup.n, setup.m, setup.capacity
+    policy = setup.new_policy(config, jax.random.fold_in(key, 11))
+    gp_config = GPConfig(restarts=config.gp_restarts, max_points=config.gp_max_points)
+    state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
+             "count": np.int64(0), "obs": np.zeros((cap, n)), "action": np.zeros((cap, m)),
+             "next_obs": np.zeros((cap, n)), "predicted": np.float64(np.nan)}
+    returns: list[float] = []
+    successes: list[bool] = []
+    restored = run.load_checkpoint({"state": state, "policy": policy})
+    if restored is not None:
+        saved, meta = restored
+        state, policy = saved["state"], saved["policy"]
+        returns, successes = list(meta.get("returns", [])), list(meta.get("successes", []))
+    state = {k: np.asarray(v) for k, v in state.items()}
+    start = int(state["episode"])
+    clock = EpisodeClock(float(state["elapsed"]))
+    model = None
+    low, high = np.asarray(setup.system.action_low), np.asarray(setup.system.action_high)
+
+    run.progress(config.episodes, start=start)
+    try:
+        for episode in range(start, config.episodes):
+            ep_key = episode_key(key, episode)
+            if episode < config.random_episodes:
+                rng = np.random.default_rng(episode_seed(jax.random.fold_in(key, 1), episode))
+                act = lambda obs, t: rng.uniform(low, high).astype(np.float32)  # noqa: E731
+            else:
+                feedback = setup.act(policy)
+                act = lambda obs, t: feedback(obs)  # noqa: E731
+            observations, actions, total, steps = _episode(env, setup, act, episode_seed(key, episode))
+            count = int(state["count"])
+            T = len(actions)
+            state["obs"][count:count + T] = observations[:-1]
+            state["action"][count:count + T] = actions
+            state["next_obs"][count:count + T] = observations[1:]
+            state["count"] = np.int64(count + T)
+            state["env_steps"] = np.int64(int(state["env_steps"]) + steps)
+            costs = setup.step_costs(observations)
+            tail = costs[-max(1, int(round(config.success_fraction * setup.horizon))):]
+            success = bool(T == setup.horizon and np.all(tail < setup.cost.success_threshold))
+            returns.append(total)
+            successes.append(success)
+            row = {"episode": episode, "env_steps": int(state["env_steps"]), "return": total,
+                   "length": steps, "cost": float(np.sum(costs[1:])), "success": int(success),
+                   "predicted_cost": float(state["predicted"])}
+            fit_seconds = opt_seconds = 0.0
+            iterations = 0
+            if episode + 1 < config.episodes and episode + 1 >= config.random_episodes:
+                t0 = time.perf_counter()
+                c = int(state["count"])
+                model = GP.fit_dynamics(jnp.asarray(state["obs"][:c], setup.dtype),
+                                        jnp.asarray(state["action"][:c], setup.dtype),
+                                        jnp.asarray(state["next_obs"][:c], setup.dtype),
+                                        jax.random.fold_in(ep_key, 2), gp_config, angles=setup.angles)
+                t1 = time.perf_counter()
+                policy, value, _, its = optimise_policy(model, policy, setup.cost, setup.layout, setup.m0,
+                                                        setup.S0, setup.horizon, config.iterations)
+                state["predicted"] = np.float64(value)
+                iterations = int(its)
+                fit_seconds, opt_seconds = t1 - t0, time.perf_counter() - t1
+                run.event("policy_optimised", episode=episode, predicted_cost=float(value),
+                          iterations=iterations, fit_seconds=round(fit_seconds, 2),
+                          optimise_seconds=round(opt_seconds, 2), points=c)
+            row.update(fit_seconds=round(fit_seconds, 2), optimise_seconds=round(opt_seconds, 2),
+                       iterations=iterations, wall_seconds=round(clock.elapsed, 3))
+            run.log(**row)
+            state["episode"] = np.int64(episode + 1)
+            state["elapsed"] = np.float64(clock.elapsed)
+            run.save_checkpoint({"state": state, "policy": policy}, episode=episode + 1, returns=returns,
+                                successes=successes)
+    finally:
+        run.close_progress()
+    return Result(returns, int(state["env_steps"]), successes, model, policy, _held(setup, policy))
+
+
+def _held(setup: Setup, policy) -> Callable[[np.ndarray, int], np.ndarray]:
+    """`policy(obs, t)` at the env's rate, recomputing the action every `action_repeat` steps."""
+    feedback = setup.act(policy)
+    box = {"u": None}
+
+    def act(obs, t):
+        if t % setup.repeat == 0 or box["u"] is None:
+            with jax.enable_x64(setup.dtype == jnp.float64):
+                box["u"] = feedback(obs)
+        return box["u"]
+
+    return act
+
+
+def predicted_rollout(model: GP, policy, setup: Setup):
+    """Means `[T+1, n]`, covariances and expected costs of the moment-matched rollout."""
+    return predict(model, policy, setup.cost, setup.layout, setup.m0, setup.S0, setup.horizon)
