@@ -4,6 +4,7 @@ and Rasmussen, ICML 2011).
     forethought run pilco --env cartpole            # swing-up in 2.5 s episodes
     forethought run pilco --env pendulum
     forethought run pilco --env cartpole --policy linear
+    forethought run pilco --env pendulum --model bnn   # Deep PILCO: BNN and particles
 
 The loop of the note's "PILCO Summary":
 
@@ -13,6 +14,11 @@ The loop of the note's "PILCO Summary":
     3. improve the policy: minimise the expected total saturating cost of the moment-matched
        rollout from the start distribution, by L-BFGS on its exact gradient (`rl.pilco`)
     4. roll the policy out on the system, add the data, and repeat from 2
+
+With `model="bnn"` step 2 fits a Bayesian neural network (`models.bnn`) instead and step 3
+predicts with Deep PILCO's particles (Gal, McAllister and Rasmussen 2017): one weight sample per
+particle, the cloud refit to a Gaussian and redrawn after every step; same policies, cost and
+optimiser, the gradient by backprop through the particles.
 
 Episodes last `horizon` control steps of `action_repeat` env steps each (the action is held),
 which makes the cart-pole's 2.5 s episodes 25 steps of 0.1 s, as in PILCO, and the pendulum's
@@ -39,9 +45,15 @@ import numpy as np
 from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import state_features
+from forethought.models.bnn import BNN, BNNSpec, BNNTrainConfig
+from forethought.models.bnn import fit as fit_bnn
 from forethought.models.gp import GP, GPConfig
-from forethought.rl.pilco import Layout, LinearPolicy, RBFPolicy, optimise_policy, predict, tip_cost
+from forethought.rl.pilco import (Layout, LinearPolicy, ParticleModel, RBFPolicy, optimise_policy, predict,
+                                  tip_cost)
 from forethought.systems.gym import system_of
+
+# PILCO's data sets are small (tens to hundreds of transitions): small batches, patient stopping.
+BNN_TRAINING = BNNTrainConfig(batch_size=32, patience=30, max_epochs=400)
 
 # (horizon, action_repeat) per system: PILCO's episode lengths and 0.1 s control periods.
 EPISODES = {"cartpole": (25, 1), "pendulum": (40, 2)}
@@ -55,6 +67,8 @@ class Config:
     """Episodes in all, the random one included."""
     random_episodes: int = 1
     """Episodes of uniformly random actions before the first fit."""
+    model: Literal["gp", "bnn"] = "gp"
+    """Dynamics: GPs with moment matching (PILCO), or a BNN with Deep PILCO's particles."""
     policy: Literal["rbf", "linear"] = "rbf"
     """The policy: an RBF network or a linear map of the state features, saturated to the bounds."""
     basis: int = 50
@@ -72,6 +86,12 @@ class Config:
     """Starts of the GP hyperparameter fit per state dimension."""
     gp_max_points: int = 1000
     """Most points the GP hyperparameters are fit on (all points condition the posterior)."""
+    particles: int = 50
+    """BNN model: particles of the predicted rollout (each with its own weight sample)."""
+    bnn_hidden: int = 200
+    """BNN model: units per hidden layer."""
+    bnn_layers: int = 2
+    """BNN model: hidden layers."""
     success_fraction: float = 0.2
     """The final fraction of an episode over which success is judged."""
     float64: bool = True
@@ -79,7 +99,7 @@ class Config:
 
     def __post_init__(self):
         for name, minimum in {"episodes": 2, "basis": 1, "iterations": 1, "gp_restarts": 1,
-                              "gp_max_points": 2}.items():
+                              "gp_max_points": 2, "particles": 2, "bnn_hidden": 1, "bnn_layers": 1}.items():
             if getattr(self, name) < minimum:
                 raise ForethoughtError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
         for name in ("horizon", "action_repeat"):
@@ -89,6 +109,8 @@ class Config:
         if not 1 <= self.random_episodes < self.episodes:
             raise ForethoughtError(f"random_episodes must be >= 1 and < episodes ({self.episodes}), "
                                    f"got {self.random_episodes}")
+        if self.model not in ("gp", "bnn"):
+            raise ForethoughtError(f"model must be 'gp' or 'bnn', got {self.model!r}")
         if self.policy not in ("rbf", "linear"):
             raise ForethoughtError(f"policy must be 'rbf' or 'linear', got {self.policy!r}")
         if self.cost_width is not None and not self.cost_width > 0:
@@ -102,7 +124,7 @@ class Result:
     returns: list[float]
     env_steps: int
     successes: list[bool]
-    model: GP | None
+    model: GP | BNN | None
     policy_module: eqx.Module
     policy: Callable[[np.ndarray, int], np.ndarray]
     """`policy(observation, t) -> action`, holding each action for `action_repeat` env steps."""
@@ -199,10 +221,14 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
              "next_obs": np.zeros((cap, n)), "predicted": np.float64(np.nan)}
     returns: list[float] = []
     successes: list[bool] = []
-    restored = run.load_checkpoint({"state": state, "policy": policy})
+    bnn = None
+    if config.model == "bnn":
+        spec = BNNSpec(n, m, hidden=config.bnn_hidden, layers=config.bnn_layers, angles=setup.angles)
+        bnn = BNN.create(spec, jax.random.fold_in(key, 12))
+    restored = run.load_checkpoint({"state": state, "policy": policy, "bnn": bnn})
     if restored is not None:
         saved, meta = restored
-        state, policy = saved["state"], saved["policy"]
+        state, policy, bnn = saved["state"], saved["policy"], saved["bnn"]
         returns, successes = list(meta.get("returns", [])), list(meta.get("successes", []))
     state = {k: np.asarray(v) for k, v in state.items()}
     start = int(state["episode"])
@@ -241,12 +267,16 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
             if episode + 1 < config.episodes and episode + 1 >= config.random_episodes:
                 t0 = time.perf_counter()
                 c = int(state["count"])
-                model = GP.fit_dynamics(jnp.asarray(state["obs"][:c], setup.dtype),
-                                        jnp.asarray(state["action"][:c], setup.dtype),
-                                        jnp.asarray(state["next_obs"][:c], setup.dtype),
-                                        jax.random.fold_in(ep_key, 2), gp_config, angles=setup.angles)
+                data = [jnp.asarray(state[k][:c], setup.dtype) for k in ("obs", "action", "next_obs")]
+                if bnn is None:
+                    model = GP.fit_dynamics(*data, jax.random.fold_in(ep_key, 2), gp_config, angles=setup.angles)
+                    propagated = model
+                else:  # the BNN keeps training from where it was
+                    bnn, _ = fit_bnn(bnn, *data, jax.random.fold_in(ep_key, 2), BNN_TRAINING)
+                    model = bnn
+                    propagated = ParticleModel(bnn, jax.random.fold_in(ep_key, 4), config.particles)
                 t1 = time.perf_counter()
-                policy, value, _, its = optimise_policy(model, policy, setup.cost, setup.layout, setup.m0,
+                policy, value, _, its = optimise_policy(propagated, policy, setup.cost, setup.layout, setup.m0,
                                                         setup.S0, setup.horizon, config.iterations)
                 state["predicted"] = np.float64(value)
                 iterations = int(its)
@@ -263,7 +293,8 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
                                 successes=successes)
     finally:
         run.close_progress()
-    return Result(returns, int(state["env_steps"]), successes, model, policy, _held(setup, policy))
+    return Result(returns, int(state["env_steps"]), successes, model if model is not None else bnn, policy,
+                  _held(setup, policy))
 
 
 def _held(setup: Setup, policy) -> Callable[[np.ndarray, int], np.ndarray]:
@@ -280,6 +311,6 @@ def _held(setup: Setup, policy) -> Callable[[np.ndarray, int], np.ndarray]:
     return act
 
 
-def predicted_rollout(model: GP, policy, setup: Setup):
-    """Means `[T+1, n]`, covariances and expected costs of the moment-matched rollout."""
+def predicted_rollout(model: GP | ParticleModel, policy, setup: Setup):
+    """Means `[T+1, n]`, covariances and expected costs of the predicted rollout."""
     return predict(model, policy, setup.cost, setup.layout, setup.m0, setup.S0, setup.horizon)

@@ -373,6 +373,7 @@ def fit(model: BNN, obs, action, next_obs, key: jax.Array,
     opt_state = optimizer.init(params)
     best = float(_holdout(model, params, z_hold, y_hold, hold_mask, hold_key, n_data, config.kl_weight))
     best_params = params
+    reference = best
     train_curve, hold_curve = [], []
     stale = 0
     for epoch in range(config.max_epochs):
@@ -386,8 +387,13 @@ def fit(model: BNN, obs, action, next_obs, key: jax.Array,
                                    "try a smaller learning_rate")
         train_curve.append(float(train_loss))
         hold_curve.append(loss)
-        # the loss is a log-likelihood (any sign): "1%" is relative to its magnitude, at least 0.01 nats
-        stale = 0 if loss < best - 0.01 * max(abs(best), 1.0) else stale + 1
+        # the loss is a log-likelihood (any sign): "1%" is relative to its magnitude, at least 0.01
+        # nats, and measured from the last epoch that improved that much (so a slow, steady descent
+        # of many small steps is not mistaken for a plateau)
+        if loss < reference - 0.01 * max(abs(reference), 1.0):
+            stale, reference = 0, loss
+        else:
+            stale += 1
         if loss < best:
             best, best_params = loss, params
         if stale >= config.patience:

@@ -201,10 +201,46 @@ def step_moments(model: MomentModel, policy, cost: SaturatingCost, layout: Layou
     return m[:n] + M, symmetrize(S[:n, :n] + SD + cross + cross.T), c
 
 
-def predict(model: MomentModel, policy, cost: SaturatingCost, layout: Layout, m0: jax.Array,
-            S0: jax.Array, steps: int):
-    """The moment-matched rollout from `N(m0, S0)`: state means `[T+1, n]`, covariances
-    `[T+1, n, n]` and expected costs `[T+1]` of every state, the last included."""
+class ParticleModel(eqx.Module):
+    """A BNN propagated as Deep PILCO does (Gal, McAllister and Rasmussen 2017; seed 003): each of
+    `particles` particles keeps one weight sample for the whole rollout, and after every step the
+    cloud is refit to a Gaussian and redrawn from it ("moment matching as a regulariser"). `key`
+    fixes the weight samples, the start particles and the redraws, so the expected cost is a
+    deterministic, differentiable function of the policy (common random numbers)."""
+
+    bnn: eqx.Module
+    key: jax.Array
+    particles: int = eqx.field(static=True)
+
+
+def _particle_predict(model: ParticleModel, policy, cost: SaturatingCost, layout: Layout, m0, S0, steps):
+    dynamics = model.bnn.as_dynamics(model.key, model.particles, "ts_inf", moment_matching=True)
+    n = layout.state_dim
+    eps = jax.random.normal(jax.random.fold_in(model.key, 2), (model.particles, n), m0.dtype)
+    X0 = m0 + eps @ jnp.linalg.cholesky(S0 + 1e-12 * jnp.eye(n, dtype=m0.dtype)).T
+
+    def moments_and_cost(X):
+        F = state_features(X, layout.angles)
+        return X.mean(0), jnp.atleast_2d(jnp.cov(X, rowvar=False)), jnp.mean(cost(F)), F
+
+    def body(X, t):
+        m, S, c, F = moments_and_cost(X)
+        U = jax.vmap(policy)(F)
+        return dynamics(X, U.astype(X.dtype), t), (m, S, c)
+
+    XT, (ms, Ss, cs) = jax.lax.scan(body, X0, jnp.arange(steps))
+    mT, ST, cT, _ = moments_and_cost(XT)
+    return (jnp.concatenate([ms, mT[None]]), jnp.concatenate([Ss, ST[None]]),
+            jnp.concatenate([cs, cT[None]]))
+
+
+def predict(model: MomentModel | ParticleModel, policy, cost: SaturatingCost, layout: Layout,
+            m0: jax.Array, S0: jax.Array, steps: int):
+    """The predicted rollout from `N(m0, S0)`: state means `[T+1, n]`, covariances `[T+1, n, n]`
+    and expected costs `[T+1]` of every state, the last included; moment-matched through a GP,
+    or by Deep PILCO's particles through a `ParticleModel`."""
+    if isinstance(model, ParticleModel):
+        return _particle_predict(model, policy, cost, layout, m0, S0, steps)
 
     def body(carry, _):
         m, S = carry

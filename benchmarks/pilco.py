@@ -1,0 +1,115 @@
+"""PILCO: trials to success and wall time per policy optimisation (seed 003, "PILCO limitations":
+"policy optimization (done after every rollout) can take on the order of ~1h").
+
+    forethought bench pilco [--runs cartpole:gp,pendulum:gp,pendulum:bnn] [--seeds 0,1,2]
+
+For every `env:model` and seed, runs `forethought run pilco --env ENV --model MODEL` with the
+default settings (in this process, one after another) and records per episode the real cost
+(sum of the saturating cost over the episode), PILCO's predicted cost of the policy that ran,
+success, and the seconds spent fitting the model and optimising the policy. Trials to success
+count the random first episode, as the PILCO paper does. Results are written after every run,
+so an interrupted benchmark keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import machine_info, median
+
+
+def main(out_dir: Path, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="forethought bench pilco")
+    parser.add_argument("--runs", default="cartpole:gp,pendulum:gp,pendulum:bnn",
+                        help="comma-separated ENV:MODEL pairs")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--episodes", default="cartpole=15,pendulum=8",
+                        help="episodes per env, ENV=N pairs")
+    args = parser.parse_args(argv)
+
+    import jax
+
+    from forethought._jax import enable_compilation_cache
+    from forethought.agents import pilco
+    from forethought.agents.base import MemoryRun
+    from forethought.systems.gym import make_env
+
+    enable_compilation_cache()
+    episodes = {k: int(v) for k, v in (item.split("=") for item in args.episodes.split(","))}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    pairs = [tuple(item.split(":")) for item in args.runs.split(",")]
+    results = {"machine": machine_info(None), "settings": {"runs": args.runs, "seeds": seeds, "episodes": episodes,
+                                                        "config": "forethought.agents.pilco.Config defaults"},
+               "runs": []}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for env_name, model in pairs:
+        for seed in seeds:
+            config = pilco.Config(episodes=episodes.get(env_name, 15), model=model)
+            run = MemoryRun()
+            start = time.perf_counter()
+            result = pilco.train(config, make_env(env_name), jax.random.key(seed), run)
+            rows = run.rows
+            results["runs"].append({
+                "env": env_name, "model": model, "seed": seed,
+                "trials_to_success": result.trials_to_success,
+                "total_seconds": round(time.perf_counter() - start, 1),
+                "cost": [r["cost"] for r in rows], "predicted_cost": [r["predicted_cost"] for r in rows],
+                "success": [r["success"] for r in rows], "return": [r["return"] for r in rows],
+                "fit_seconds": [r["fit_seconds"] for r in rows],
+                "optimise_seconds": [r["optimise_seconds"] for r in rows]})
+            print(f"{env_name} {model} seed {seed}: trials to success {result.trials_to_success}, "
+                  f"costs {[round(r['cost'], 1) for r in rows]}", flush=True)
+            summarise(results)
+            (out_dir / "pilco.json").write_text(json.dumps(results, indent=1))
+            plot(results, out_dir / "pilco.png")
+    print(json.dumps(results["summary"], indent=1))
+    return 0
+
+
+def summarise(results: dict) -> None:
+    summary = {}
+    for r in results["runs"]:
+        s = summary.setdefault(f"{r['env']}:{r['model']}", {"trials_to_success": [], "optimise_seconds": [],
+                                                            "fit_seconds": [], "total_seconds": []})
+        s["trials_to_success"].append(r["trials_to_success"])
+        s["optimise_seconds"] += [x for x in r["optimise_seconds"] if x > 0]
+        s["fit_seconds"] += [x for x in r["fit_seconds"] if x > 0]
+        s["total_seconds"].append(r["total_seconds"])
+    for s in summary.values():
+        for name in ("optimise_seconds", "fit_seconds"):
+            value = median(s.pop(name))
+            s[f"median_{name}"] = None if value is None else round(value, 1)
+        s["max_total_minutes"] = round(max(s["total_seconds"]) / 60, 1)
+    results["summary"] = summary
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["env"], r["model"]) for r in results["runs"]})
+    envs = sorted({env for env, _ in groups})
+    fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), squeeze=False)
+    colours = {"gp": "tab:blue", "bnn": "tab:orange"}
+    for ax, env in zip(axes[0], envs):
+        for r in (r for r in results["runs"] if r["env"] == env):
+            x = np.arange(1, len(r["cost"]) + 1)
+            label = f"{r['model']} seed {r['seed']}"
+            ax.plot(x, r["cost"], "-", color=colours.get(r["model"]), alpha=0.8, label=label)
+            ok = np.asarray(r["success"], bool)
+            ax.plot(x[ok], np.asarray(r["cost"])[ok], "o", color=colours.get(r["model"]), ms=4)
+        ax.set_title(f"PILCO on {env} (dots: success)")
+        ax.set_xlabel("trial (the first is random)")
+        ax.set_ylabel("saturating cost of the episode")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
