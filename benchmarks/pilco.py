@@ -30,7 +30,22 @@ def main(out_dir: Path, argv: list[str]) -> int:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--episodes", default="cartpole=15,pendulum=8",
                         help="episodes per env, ENV=N pairs")
+    parser.add_argument("--stop-after-successes", type=int, default=2,
+                        help="end a run once this many trials in a row succeed (0: run every episode)")
+    parser.add_argument("--merge", default=None,
+                        help="comma-separated pilco.json files of partial runs (e.g. run in parallel with "
+                             "--out DIR) to combine into OUT/pilco.json and .png; runs nothing")
     args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge.split(",")]
+        results = {**parts[0], "runs": [r for part in parts for r in part["runs"]],
+                   "settings": {**parts[0]["settings"], "merged_from": [p["settings"] for p in parts]}}
+        summarise(results)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "pilco.json").write_text(json.dumps(results, indent=1))
+        plot(results, out_dir / "pilco.png")
+        print(json.dumps(results["summary"], indent=1))
+        return 0
 
     import jax
 
@@ -49,7 +64,8 @@ def main(out_dir: Path, argv: list[str]) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     for env_name, model in pairs:
         for seed in seeds:
-            config = pilco.Config(episodes=episodes.get(env_name, 15), model=model)
+            config = pilco.Config(episodes=episodes.get(env_name, 15), model=model,
+                                  stop_after_successes=args.stop_after_successes)
             run = MemoryRun()
             start = time.perf_counter()
             result = pilco.train(config, make_env(env_name), jax.random.key(seed), run)
@@ -103,9 +119,10 @@ def plot(results: dict, path: Path) -> None:
             x = np.arange(1, len(r["cost"]) + 1)
             label = f"{r['model']} seed {r['seed']}"
             ax.plot(x, r["cost"], "-", color=colours.get(r["model"]), alpha=0.8, label=label)
+            ax.plot(x, r["predicted_cost"], ":", color=colours.get(r["model"]), alpha=0.6)
             ok = np.asarray(r["success"], bool)
             ax.plot(x[ok], np.asarray(r["cost"])[ok], "o", color=colours.get(r["model"]), ms=4)
-        ax.set_title(f"PILCO on {env} (dots: success)")
+        ax.set_title(f"PILCO on {env} (dots: success; dotted: predicted)")
         ax.set_xlabel("trial (the first is random)")
         ax.set_ylabel("saturating cost of the episode")
         ax.grid(alpha=0.3)

@@ -232,3 +232,21 @@ def test_save_and_load_round_trip_exactly(dynamics_gp, tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(2))
     with pytest.raises(ForethoughtError):
         GP.load(tmp_path / "other.npz")
+
+
+def test_padding_to_a_capacity_changes_nothing_but_the_shapes():
+    x, u, nx = pendulum_transitions(50, 3)
+    key = jax.random.key(4)
+    plain = GP.fit_dynamics(x, u, nx, key, FAST, angles=(0,))
+    padded = GP.fit_dynamics(x, u, nx, key, FAST, angles=(0,), capacity=64)
+    assert padded.X.shape[0] == 64 and float(padded.mask.sum()) == 50
+    np.testing.assert_allclose(padded.log_lengthscale, plain.log_lengthscale, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(padded.log_marginal_likelihood(), plain.log_marginal_likelihood(), rtol=1e-8)
+    z = plain.inputs(jnp.asarray(x[:5]) + 0.1, jnp.asarray(u[:5]))
+    for a, b in zip(padded.predict(z, noise=True), plain.predict(z, noise=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+    m, S = z[0], 0.01 * jnp.eye(z.shape[1])
+    for a, b in zip(padded.propagate(m, S, noise=True), plain.propagate(m, S, noise=True)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-10)  # hyperparameters agree to ~1e-6
+    with pytest.raises(ForethoughtError, match="capacity"):
+        GP.fit_dynamics(x, u, nx, key, FAST, angles=(0,), capacity=10)

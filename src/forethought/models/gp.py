@@ -131,17 +131,19 @@ def _scaled_sq_dist(A: jax.Array, B: jax.Array, log_ell: jax.Array) -> jax.Array
     return jnp.maximum(d2, 0.0)
 
 
-def _gram(X: jax.Array, params: dict, jitter: float) -> jax.Array:
-    """`K = [k(x_i, x_j)] + (sigma^2 + jitter alpha^2) I`."""
+def _gram(X: jax.Array, params: dict, jitter: float, mask: jax.Array) -> jax.Array:
+    """`K = [k(x_i, x_j)] + (sigma^2 + jitter alpha^2) I` over the real points (`mask` 1); padding
+    points (`mask` 0) get a row and column of the identity, so they change neither `log|K|` nor
+    `y^T K^{-1} y` (their targets are 0)."""
     sf2 = jnp.exp(params["log_sf2"])
-    K = sf2 * jnp.exp(-0.5 * _scaled_sq_dist(X, X, params["log_ell"]))
-    return K + (jnp.exp(params["log_sn2"]) + jitter * sf2) * jnp.eye(X.shape[0], dtype=X.dtype)
+    K = sf2 * jnp.exp(-0.5 * _scaled_sq_dist(X, X, params["log_ell"])) * (mask[:, None] * mask[None, :])
+    return K + jnp.diag((jnp.exp(params["log_sn2"]) + jitter * sf2) * mask + (1 - mask))
 
 
-def _neg_log_marginal(params: dict, X: jax.Array, y: jax.Array, jitter: float) -> jax.Array:
-    L = jnp.linalg.cholesky(_gram(X, params, jitter))
+def _neg_log_marginal(params: dict, X: jax.Array, y: jax.Array, jitter: float, mask: jax.Array) -> jax.Array:
+    L = jnp.linalg.cholesky(_gram(X, params, jitter, mask))
     alpha = jsl.cho_solve((L, True), y)
-    return 0.5 * y @ alpha + jnp.sum(jnp.log(jnp.diag(L))) + 0.5 * y.shape[0] * math.log(2 * math.pi)
+    return 0.5 * y @ alpha + jnp.sum(jnp.log(jnp.diag(L))) + 0.5 * jnp.sum(mask) * math.log(2 * math.pi)
 
 
 def _curb(params: dict, max_ratio: float, max_snr: float) -> jax.Array:
@@ -154,17 +156,17 @@ def _curb(params: dict, max_ratio: float, max_snr: float) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("optimizer", "steps", "tolerance", "learning_rate",
                                              "jitter", "max_ratio", "max_snr"))
-def _optimise(X, Y, init, *, optimizer, steps, tolerance, learning_rate, jitter, max_ratio, max_snr):
+def _optimise(X, Y, init, mask, *, optimizer, steps, tolerance, learning_rate, jitter, max_ratio, max_snr):
     """Minimise the per-point negative log marginal likelihood plus the curb for every output
     dimension and restart at once: `Y [N, d]`, `init` leaves `[d, R, ...]`; returns the best
     parameters seen per (output, restart), their objective `[d, R]` (inf if never finite) and the
     iterations taken `[d, R]`. L-BFGS stops early once an iteration lowers the objective by less
     than `tolerance`; Adam runs all `steps`."""
-    N = X.shape[0]
+    N = jnp.sum(mask)
 
     def one(y, params0):
         def objective(params):
-            return _neg_log_marginal(params, X, y, jitter) / N + _curb(params, max_ratio, max_snr)
+            return _neg_log_marginal(params, X, y, jitter, mask) / N + _curb(params, max_ratio, max_snr)
 
         if optimizer == "lbfgs":
             opt = optax.lbfgs()
@@ -207,15 +209,29 @@ def _optimise(X, Y, init, *, optimizer, steps, tolerance, learning_rate, jitter,
 
 
 @functools.partial(jax.jit, static_argnames=("jitter",))
-def _posterior(X, Y, params, *, jitter):
+def _posterior(X, Y, params, mask, *, jitter):
     """Per output: Cholesky factor `L [d, N, N]` of `K_a`, `K_a^{-1} [d, N, N]`, `beta [d, N]`."""
 
     def one(y, p):
-        L = jnp.linalg.cholesky(_gram(X, p, jitter))
+        L = jnp.linalg.cholesky(_gram(X, p, jitter, mask))
         eye = jnp.eye(X.shape[0], dtype=X.dtype)
         return L, jsl.cho_solve((L, True), eye), jsl.cho_solve((L, True), y)
 
     return jax.vmap(one, in_axes=(1, 0))(Y, params)
+
+
+PAD = 1e4
+"""Padding rows sit at this input (in normalised units, every dimension): their kernel values with
+anything real underflow to exactly 0, so padded GPs predict and moment-match exactly as unpadded
+ones, and every fit to at most `capacity` points has the same shapes (one compilation)."""
+
+
+def _pad(Xn: jax.Array, Yn: jax.Array, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pad normalised data to `rows` rows; returns them and the mask (1 real, 0 padding)."""
+    extra = rows - Xn.shape[0]
+    mask = jnp.concatenate([jnp.ones(Xn.shape[0], Xn.dtype), jnp.zeros(extra, Xn.dtype)])
+    return (jnp.concatenate([Xn, jnp.full((extra, Xn.shape[1]), PAD, Xn.dtype)]),
+            jnp.concatenate([Yn, jnp.zeros((extra, Yn.shape[1]), Yn.dtype)]), mask)
 
 
 def _default_jitter(dtype) -> float:
@@ -245,6 +261,8 @@ class GP(eqx.Module):
     input_norm: Normalizer
     target_norm: Normalizer
     spec: GPSpec = eqx.field(static=True)
+    mask: jax.Array
+    """`[N]`: 1 for a data point, 0 for padding (`fit_dynamics(..., capacity=)`)."""
 
     # ----- construction -------------------------------------------------------------------------
     @classmethod
@@ -277,8 +295,9 @@ class GP(eqx.Module):
         return cls._condition(input_norm(X), target_norm(Y), params, input_norm, target_norm, spec)
 
     @classmethod
-    def _condition(cls, Xn, Yn, params, input_norm, target_norm, spec) -> "GP":
-        L, iK, beta = _posterior(Xn, Yn, params, jitter=spec.jitter)
+    def _condition(cls, Xn, Yn, params, input_norm, target_norm, spec, mask=None) -> "GP":
+        mask = jnp.ones(Xn.shape[0], Xn.dtype) if mask is None else mask
+        L, iK, beta = _posterior(Xn, Yn, params, mask, jitter=spec.jitter)
         bad = ~(np.all(np.isfinite(np.asarray(L)), axis=(1, 2)) & np.all(np.isfinite(np.asarray(beta)), axis=1))
         if bad.any():
             dims = np.where(bad)[0].tolist()
@@ -292,7 +311,7 @@ class GP(eqx.Module):
                 "the jitter (GPConfig.jitter), raise the noise floor (a lower GPConfig.max_snr), or remove "
                 f"duplicate inputs{precision}.")
         return cls(Xn, Yn, params["log_ell"], params["log_sf2"], params["log_sn2"], L, iK, beta,
-                   input_norm, target_norm, spec)
+                   input_norm, target_norm, spec, mask)
 
     @classmethod
     def fit(cls, X, Y, key: jax.Array, config: GPConfig = GPConfig()) -> "GP":
@@ -304,7 +323,7 @@ class GP(eqx.Module):
         return cls._fit(X, Y, key, config, None)
 
     @classmethod
-    def _fit(cls, X, Y, key, config: GPConfig, spec: GPSpec | None) -> "GP":
+    def _fit(cls, X, Y, key, config: GPConfig, spec: GPSpec | None, capacity: int | None = None) -> "GP":
         X, Y = _check_xy(X, Y, "GP.fit")
         N, D = X.shape
         d = Y.shape[1]
@@ -313,18 +332,24 @@ class GP(eqx.Module):
         Xn, Yn = input_norm(X), target_norm(Y)
 
         subset_key, init_key = jax.random.split(key)
+        if capacity is not None:
+            if capacity < N:
+                raise ForethoughtError(f"GP.fit: capacity ({capacity}) is smaller than the data ({N} points)")
+            Xn, Yn, mask = _pad(Xn, Yn, capacity)
+        else:
+            mask = jnp.ones(N, X.dtype)
         if N > config.max_points:
             index = jax.random.permutation(subset_key, N)[: config.max_points]
-            Xfit, Yfit = Xn[index], Yn[index]
+            Xfit, Yfit, fit_mask = Xn[index], Yn[index], mask[index]
         else:
-            Xfit, Yfit = Xn, Yn
+            Xfit, Yfit, fit_mask = Xn, Yn, mask
         R = config.restarts
         noise = jax.random.normal(init_key, (d, R, D + 2), X.dtype).at[:, 0].set(0.0)
         init = {"log_ell": 0.5 * noise[..., :D],
                 "log_sf2": 0.5 * noise[..., D],
                 "log_sn2": jnp.full((d, R), 2 * math.log(config.init_noise), X.dtype) + noise[..., D + 1]}
         steps = config.steps or (100 if config.optimizer == "lbfgs" else 300)
-        best, value, _ = _optimise(Xfit, Yfit, init, optimizer=config.optimizer, steps=steps,
+        best, value, _ = _optimise(Xfit, Yfit, init, fit_mask, optimizer=config.optimizer, steps=steps,
                                    tolerance=config.tolerance, learning_rate=config.learning_rate,
                                    jitter=jitter, max_ratio=config.max_lengthscale_ratio,
                                    max_snr=config.max_snr)
@@ -335,15 +360,17 @@ class GP(eqx.Module):
                                    f"{dims}; raise GPConfig.jitter or check the data for duplicates")
         pick = jnp.asarray(np.argmin(np.where(np.isfinite(value), value, np.inf), axis=1))
         params = jax.tree.map(lambda a: a[jnp.arange(d), pick], best)
-        spec = spec or GPSpec(D, d, N, jitter)
-        spec = dataclasses.replace(spec, jitter=jitter)
-        return cls._condition(Xn, Yn, params, input_norm, target_norm, spec)
+        spec = spec or GPSpec(D, d, Xn.shape[0], jitter)
+        spec = dataclasses.replace(spec, jitter=jitter, points=Xn.shape[0])
+        return cls._condition(Xn, Yn, params, input_norm, target_norm, spec, mask)
 
     @classmethod
     def fit_dynamics(cls, obs, action, next_obs, key: jax.Array, config: GPConfig = GPConfig(),
-                     angles: tuple[int, ...] = ()) -> "GP":
+                     angles: tuple[int, ...] = (), capacity: int | None = None) -> "GP":
         """A dynamics GP from transitions `obs [N, n]`, `action [N, m]`, `next_obs [N, n]`: inputs
-        `[state_features(obs, angles), action]`, targets `next_obs - obs` (one GP per state dim)."""
+        `[state_features(obs, angles), action]`, targets `next_obs - obs` (one GP per state dim).
+        `capacity` pads the data to that many rows (exactly: see `PAD`), so that a loop whose data
+        grows compiles its fits and predictions once per capacity instead of once per size."""
         obs, next_obs, action = (jnp.asarray(a) for a in (obs, next_obs, action))
         if action.ndim == 1:
             action = action[:, None]
@@ -358,7 +385,7 @@ class GP(eqx.Module):
             check_finite(array, name, where="GP.fit_dynamics")
         inputs = jnp.concatenate([state_features(obs, angles), action], axis=1)
         spec = GPSpec(inputs.shape[1], n, len(obs), 0.0, n, m, angles)
-        return cls._fit(inputs, next_obs - obs, key, config, spec)
+        return cls._fit(inputs, next_obs - obs, key, config, spec, capacity)
 
     # ----- hyperparameters in the data's units ---------------------------------------------------
     @property
@@ -387,7 +414,7 @@ class GP(eqx.Module):
         y = self.Y.T
         fit_term = 0.5 * jnp.sum(y * self.beta, axis=1)
         log_det = jnp.sum(jnp.log(jnp.diagonal(self.L, axis1=1, axis2=2)), axis=1)
-        return -(fit_term + log_det + 0.5 * self.spec.points * math.log(2 * math.pi))
+        return -(fit_term + log_det + 0.5 * jnp.sum(self.mask) * math.log(2 * math.pi))
 
     # ----- predictions -----------------------------------------------------------------------------
     def predict(self, x: jax.Array, noise: bool = False) -> tuple[jax.Array, jax.Array]:
@@ -554,7 +581,7 @@ class GP(eqx.Module):
 
         like = cls(zeros(N, D), zeros(N, d), zeros(d, D), zeros(d), zeros(d), zeros(d, N, N),
                    zeros(d, N, N), zeros(d, N), Normalizer(zeros(D), zeros(D)),
-                   Normalizer(zeros(d), zeros(d)), spec)
+                   Normalizer(zeros(d), zeros(d)), spec, zeros(N))
         model, _ = load(Path(path), like)
         return model
 
