@@ -22,6 +22,7 @@ AGENTS: dict[str, tuple[str, str]] = {
     "sac": ("forethought.agents.sac", "Config"),
     "mbpo": ("forethought.agents.mbpo", "Config"),
     "pilco": ("forethought.agents.pilco", "Config"),
+    "ppo-model": ("forethought.agents.ppo_model", "Config"),
 }
 
 
