@@ -218,7 +218,9 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
     setup = Setup(config, env)
     n, m, cap = setup.n, setup.m, setup.capacity
     policy = setup.new_policy(config, jax.random.fold_in(key, 11))
-    gp_config = GPConfig(restarts=config.gp_restarts, max_points=config.gp_max_points)
+    # Adam, not L-BFGS: on this JAX (0.10.2, CPU) the vmapped L-BFGS fit deadlocked inside XLA in
+    # about a third of fits to padded data (all threads idle); the Adam fit never did
+    gp_config = GPConfig(optimizer="adam", restarts=config.gp_restarts, max_points=config.gp_max_points)
     state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
              "count": np.int64(0), "obs": np.zeros((cap, n)), "action": np.zeros((cap, m)),
              "next_obs": np.zeros((cap, n)), "predicted": np.float64(np.nan)}
