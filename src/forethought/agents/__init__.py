@@ -21,6 +21,7 @@ AGENTS: dict[str, tuple[str, str]] = {
     "dyna-q-plus": ("forethought.agents.dyna_q", "PlusConfig"),
     "sac": ("forethought.agents.sac", "Config"),
     "mbpo": ("forethought.agents.mbpo", "Config"),
+    "mve": ("forethought.agents.mve", "Config"),
     "pilco": ("forethought.agents.pilco", "Config"),
     "ppo-model": ("forethought.agents.ppo_model", "Config"),
 }
