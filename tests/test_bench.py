@@ -1,4 +1,3 @@
-import pytest
 
 from forethought.cli import main
 
