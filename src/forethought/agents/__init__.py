@@ -24,6 +24,7 @@ AGENTS: dict[str, tuple[str, str]] = {
     "mve": ("forethought.agents.mve", "Config"),
     "pilco": ("forethought.agents.pilco", "Config"),
     "ppo-model": ("forethought.agents.ppo_model", "Config"),
+    "lqr-flm": ("forethought.agents.lqr_flm", "Config"),
 }
 
 

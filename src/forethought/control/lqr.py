@@ -54,6 +54,8 @@ class BackwardPass:
       V: value Hessians `[T+1, n, n]` (`V[T]` is the terminal one).
       v: value gradients `[T+1, n]`.
       s: value constants `[T+1]`: `V(x_t) = 1/2 x' V_t x + x' v_t + s_t`.
+      Q_uu: the unregularized action Hessians `[T, m, m]` (LQR-FLM's controller covariance is
+        their inverse).
       ok: True when every (regularized) `Q_uu` was positive definite; if not, the gains hold
         NaN and the problem has no minimum (or, in iLQR, the regularization must grow).
     """
@@ -63,6 +65,7 @@ class BackwardPass:
     V: jax.Array
     v: jax.Array
     s: jax.Array
+    Q_uu: jax.Array
     ok: jax.Array
 
 
@@ -102,13 +105,13 @@ def backward_pass(F, f, C, c, V_T, v_T, *, mu=0.0, F2=None) -> BackwardPass:
         s_new = s + 0.5 * dot(f_t, dot(V, f_t)) + dot(f_t, v) + 0.5 * dot(k, dot(Q_uu, k)) \
             + dot(k, q_u)
         V_new = 0.5 * (V_new + V_new.T)
-        return (V_new, v_new, s_new), (K, k, V_new, v_new, s_new, ok)
+        return (V_new, v_new, s_new), (K, k, V_new, v_new, s_new, Q_uu, ok)
 
     init = (V_T, v_T, jnp.zeros((), dtype))
-    _, (K, k, V, v, s, ok) = jax.lax.scan(step, init, (F, f, C, c, F2), reverse=True)
+    _, (K, k, V, v, s, Q_uu, ok) = jax.lax.scan(step, init, (F, f, C, c, F2), reverse=True)
     return BackwardPass(K=K, k=k, V=jnp.concatenate([V, V_T[None]]),
                         v=jnp.concatenate([v, v_T[None]]),
-                        s=jnp.concatenate([s, jnp.zeros((1,), dtype)]), ok=jnp.all(ok))
+                        s=jnp.concatenate([s, jnp.zeros((1,), dtype)]), Q_uu=Q_uu, ok=jnp.all(ok))
 
 
 def dot(a, b):

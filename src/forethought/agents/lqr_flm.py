@@ -1,0 +1,288 @@
+"""LQR-FLM: LQR with fitted local models (seed 000, "Local Models"; Levine and Abbeel 2014).
+
+    forethought run lqr-flm --env pendulum
+    forethought run lqr-flm --env cartpole            # swing-up from the resting start
+    forethought run lqr-flm --env pendulum --prior none   # plain linear regression
+
+Each iteration:
+
+    1. run `rollouts` episodes of the linear-Gaussian controller
+       `p(u_t | x_t) = N(K_t x_t + k_t, Sigma_t)` from the system's start state
+    2. fit time-varying linear-Gaussian dynamics `N(A_t x_t + B_t u_t + c_t, N_t)` to them
+       (`models/linear_gaussian.py`): Bayesian linear regression with a GMM prior fit to the last
+       `prior_rollouts` rollouts (GPS's `DynamicsPriorGMM`), or plain linear regression
+    3. expand the (known) cost to second order about the rollouts and solve for the controller
+       that minimises the expected cost under the fitted dynamics subject to
+       `D_KL(p(tau) || p_old(tau)) <= epsilon` (`control/kl_lqr.py`); the new covariance is
+       `Sigma_t = Q_uu^-1`
+    4. adapt `epsilon = kl_step * T * multiplier` by comparing the improvement the update
+       predicted with the one the new rollouts show (GPS's step-size rule).
+
+The cost is the system's own, known to the agent, as in GPS (only the dynamics are learned).
+With `cost="quadratic"` a system that has a quadratic variant uses it (the cart-pole's
+`cost_kind="quadratic"`: the saturating cost has no curvature to start an LQR from the hanging
+pole), and the env's system is switched to it so that returns and costs agree.
+
+Torque limits: with `squash=True` the controller acts in an unbounded `v` and the env receives
+`u = u_max tanh(v / u_max)`, which is `v` near zero and never exceeds the bounds; dynamics are fit
+and the cost expanded in `v`. The reference, logged as `ilqr_cost` on every row, is iLQR on the
+true model of the same squashed problem from the same start: what a perfect model would give.
+
+Every row logs the cost of the controller's mean run on the true system from the start state
+(`cost`, what is compared with iLQR), and the mean return of the noisy rollouts (`return`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Literal
+
+import equinox as eqx
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed
+from forethought.control.ilqr import ilqr
+from forethought.control.kl_lqr import (LinearGaussianController, initial_distribution, kl_update,
+                                        marginals, expected_cost, quadratize_cost, step_multiplier)
+from forethought.errors import ForethoughtError
+from forethought.models.linear_gaussian import fit_dynamics_gmm, fit_linear_gaussian, gmm_prior
+from forethought.systems.base import System
+from forethought.systems.gym import system_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """LQR-FLM: linear-Gaussian controllers improved by LQR on fitted local models under a KL bound."""
+
+    episodes: int = 20
+    """Iterations (each runs `rollouts` episodes, fits the dynamics and updates the controller)."""
+    rollouts: int = 5
+    """Episodes per iteration."""
+    kl_step: float = 0.2
+    """KL bound per iteration in nats per time step (times T and the adaptive multiplier)."""
+    min_multiplier: float = 0.1
+    """Smallest KL step multiplier."""
+    max_multiplier: float = 10.0
+    """Largest KL step multiplier."""
+    prior: Literal["gmm", "none"] = "gmm"
+    """Dynamics fit: Bayesian linear regression with a GMM prior, or plain linear regression."""
+    prior_rollouts: int = 20
+    """Most recent rollouts the GMM prior is fit to."""
+    prior_strength: float = 1.0
+    """Weight of the prior, in rollouts."""
+    init_std: float = 0.2
+    """Action noise of the first controller, as a fraction of the action bound."""
+    squash: bool = True
+    """Act through `u = u_max tanh(v / u_max)` so actions stay within bounds."""
+    cost: Literal["quadratic", "system"] = "quadratic"
+    """The system's quadratic cost variant where it has one (cart-pole), or its cost as it is."""
+    reference: bool = True
+    """Solve the true-model problem with iLQR once and log its cost beside the agent's."""
+
+    def __post_init__(self):
+        for name, minimum in {"episodes": 1, "rollouts": 1, "prior_rollouts": 1}.items():
+            if getattr(self, name) < minimum:
+                raise ForethoughtError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
+        for name in ("kl_step", "min_multiplier", "max_multiplier", "prior_strength", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ForethoughtError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.min_multiplier > self.max_multiplier:
+            raise ForethoughtError(f"min_multiplier ({self.min_multiplier}) must be <= max_multiplier "
+                                   f"({self.max_multiplier})")
+        if self.prior not in ("gmm", "none"):
+            raise ForethoughtError(f"prior must be 'gmm' or 'none', got {self.prior!r}")
+        if self.prior == "none" and self.rollouts < 2:
+            raise ForethoughtError(f"prior='none' (linear regression) needs rollouts >= 2, got {self.rollouts}")
+        if self.cost not in ("quadratic", "system"):
+            raise ForethoughtError(f"cost must be 'quadratic' or 'system', got {self.cost!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    returns: list[float]
+    costs: list[float]
+    """Cost of the controller's mean run on the true system after each iteration."""
+    reference_cost: float | None
+    """iLQR's cost on the true model (None with `reference=False`)."""
+    env_steps: int
+    controller: LinearGaussianController
+    policy: Callable[[np.ndarray, int], np.ndarray]
+    """`policy(observation, t) -> action`: the controller's mean, squashed to the bounds."""
+
+
+class Problem:
+    """The system, its start state, and the cost and dynamics in the controller's action `v`."""
+
+    def __init__(self, config: Config, env: gymnasium.Env):
+        system = system_of(env)
+        if system is None or not isinstance(system, System):
+            name = env.spec.id if env.spec else type(env.unwrapped).__name__
+            raise ForethoughtError(f"LQR-FLM needs a built-in continuous system (its known cost and "
+                                   f"start state); env {name} is not one")
+        if config.cost == "quadratic" and getattr(system, "cost_kind", "quadratic") != "quadratic":
+            system = dataclasses.replace(system, cost_kind="quadratic")
+            env.unwrapped.system = system
+        self.system = system
+        self.T, self.n, self.m = system.horizon, system.state_dim, system.action_dim
+        self.x0 = np.asarray(system.initial_state(), np.float64)
+        self.u_max = jnp.asarray(system.action_high, jnp.float64)
+        self.squash_actions = config.squash
+
+    def squash(self, v):
+        return self.u_max * jnp.tanh(v / self.u_max) if self.squash_actions else v
+
+    def cost(self, x, v, t):
+        return self.system.cost(x, self.squash(v), t)
+
+    def dynamics(self, x, v, t):
+        return self.system.dynamics(x, self.squash(v), t)
+
+    def terminal_cost(self, x):
+        return self.system.terminal_cost(x)
+
+
+@eqx.filter_jit
+def _mean_cost(problem: Problem, controller: LinearGaussianController) -> jax.Array:
+    """The cost of the controller's mean run on the true system from the start state."""
+    def step(x, t):
+        v = controller.mean(x, t)
+        return problem.dynamics(x, v, t), problem.cost(x, v, t)
+
+    x_T, costs = jax.lax.scan(step, jnp.asarray(problem.x0), jnp.arange(problem.T))
+    return jnp.sum(costs) + problem.terminal_cost(x_T)
+
+
+def _reference_cost(problem: Problem) -> float:
+    U0 = jnp.zeros((problem.T, problem.m))
+    solution = ilqr(problem.cost, problem.dynamics, jnp.asarray(problem.x0), U0,
+                    terminal_cost=problem.terminal_cost, maxiter=300)
+    return float(solution.cost)
+
+
+def _rollout(env, problem: Problem, controller: LinearGaussianController, seed: int):
+    """One noisy episode from the start state: states `[T+1, n]`, actions `v [T, m]`, return."""
+    rng = np.random.default_rng(seed)
+    K, k = np.asarray(controller.K), np.asarray(controller.k)
+    L = np.linalg.cholesky(np.asarray(controller.cov))
+    noise = np.einsum("tij,tj->ti", L, rng.standard_normal((problem.T, problem.m)))
+    u_max = np.asarray(problem.u_max)
+    obs, _ = env.reset(seed=seed, options={"state": problem.x0})
+    X, V, total = [np.asarray(obs, np.float64)], [], 0.0
+    for t in range(problem.T):
+        v = K[t] @ X[-1] + k[t] + noise[t]
+        u = u_max * np.tanh(v / u_max) if problem.squash_actions else v
+        obs, reward, terminated, truncated, _ = env.step(u.astype(np.float32))
+        X.append(np.asarray(obs, np.float64))
+        V.append(v)
+        total += float(reward)
+        if terminated or truncated:
+            break
+    if len(V) != problem.T:
+        raise ForethoughtError(f"LQR-FLM needs episodes of the system's full horizon ({problem.T} steps); "
+                               f"one ended after {len(V)}")
+    return np.asarray(X), np.asarray(V), total
+
+
+def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None) -> Result:
+    with jax.enable_x64(True):
+        return _train(config, env, key, run or MemoryRun())
+
+
+def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> Result:
+    problem = Problem(config, env)
+    T, n, m = problem.T, problem.n, problem.m
+    window = max(config.prior_rollouts, config.rollouts)
+    controller = LinearGaussianController.constant(T, n, jnp.zeros(m), config.init_std * problem.u_max,
+                                                   jnp.float64)
+    state = {"iteration": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
+             "multiplier": np.float64(1.0), "previous_cost": np.float64(np.nan),
+             "predicted_cost": np.float64(np.nan), "stored": np.int64(0),
+             "X": np.zeros((window, T + 1, n)), "V": np.zeros((window, T, m))}
+    returns: list[float] = []
+    costs: list[float] = []
+    restored = run.load_checkpoint({"state": state, "controller": controller})
+    if restored is not None:
+        saved, meta = restored
+        state, controller = saved["state"], saved["controller"]
+        returns, costs = list(meta.get("returns", [])), list(meta.get("costs", []))
+    state = {k: np.asarray(v) for k, v in state.items()}
+    reference = _reference_cost(problem) if config.reference else None
+    clock = EpisodeClock(float(state["elapsed"]))
+    epsilon_per_iteration = config.kl_step * T
+
+    run.progress(config.episodes, start=int(state["iteration"]))
+    try:
+        for iteration in range(int(state["iteration"]), config.episodes):
+            it_key = episode_key(key, iteration)
+            samples = [_rollout(env, problem, controller, episode_seed(key, iteration * config.rollouts + r))
+                       for r in range(config.rollouts)]
+            X = np.stack([s[0] for s in samples])
+            V = np.stack([s[1] for s in samples])
+            sample_return = float(np.mean([s[2] for s in samples]))
+            state["env_steps"] = np.int64(int(state["env_steps"]) + config.rollouts * T)
+            # the rolling window of recent rollouts for the prior (newest last)
+            state["X"] = np.concatenate([state["X"], X])[-window:]
+            state["V"] = np.concatenate([state["V"], V])[-window:]
+            state["stored"] = np.int64(min(window, int(state["stored"]) + config.rollouts))
+
+            t0 = time.perf_counter()
+            dynamics = _fit(config, state, X, V, jax.random.fold_in(it_key, 1))
+            quad = quadratize_cost(problem.cost, problem.terminal_cost, jnp.asarray(X), jnp.asarray(V))
+            x0_mean, x0_cov = initial_distribution(X)
+            actual = float(expected_cost(quad, marginals(controller, dynamics, x0_mean, x0_cov)))
+            if np.isfinite(float(state["previous_cost"])):
+                state["multiplier"] = np.float64(step_multiplier(
+                    float(state["previous_cost"]), float(state["predicted_cost"]), actual,
+                    float(state["multiplier"]), lower=config.min_multiplier, upper=config.max_multiplier))
+            epsilon = epsilon_per_iteration * float(state["multiplier"])
+            update = kl_update(dynamics, quad, controller, x0_mean, x0_cov, epsilon)
+            controller = update.controller
+            state["previous_cost"] = np.float64(actual)
+            state["predicted_cost"] = np.float64(update.expected_cost)
+            update_seconds = time.perf_counter() - t0
+
+            cost = float(_mean_cost(problem, controller))
+            returns.append(sample_return)
+            costs.append(cost)
+            row = {"episode": iteration, "env_steps": int(state["env_steps"]), "return": sample_return,
+                   "cost": cost, "ilqr_cost": reference if reference is not None else float("nan"),
+                   "kl": float(update.kl), "epsilon": epsilon, "eta": float(update.eta),
+                   "multiplier": float(state["multiplier"]), "predicted_cost": float(update.expected_cost),
+                   "update_seconds": round(update_seconds, 3)}
+            state["iteration"] = np.int64(iteration + 1)
+            state["elapsed"] = np.float64(clock.elapsed)
+            row["wall_seconds"] = round(clock.elapsed, 3)
+            run.log(**row)
+            run.save_checkpoint({"state": state, "controller": controller}, episode=iteration + 1,
+                                returns=returns, costs=costs)
+    finally:
+        run.close_progress()
+    return Result(returns, costs, reference, int(state["env_steps"]), controller, _policy(problem, controller))
+
+
+def _fit(config: Config, state: dict, X: np.ndarray, V: np.ndarray, key: jax.Array):
+    """The linear-Gaussian dynamics of this iteration's rollouts (module docstring, step 2)."""
+    if config.prior == "none":
+        return fit_linear_gaussian(X, V)
+    stored = int(state["stored"])
+    past_X, past_V = state["X"][-stored:], state["V"][-stored:]
+    gmm = fit_dynamics_gmm(past_X[:, :-1].reshape(-1, X.shape[2]), past_V.reshape(-1, V.shape[2]),
+                           past_X[:, 1:].reshape(-1, X.shape[2]), key)
+    return fit_linear_gaussian(X, V, prior=gmm_prior(gmm, X, V, strength=config.prior_strength))
+
+
+def _policy(problem: Problem, controller: LinearGaussianController) -> Callable[[np.ndarray, int], np.ndarray]:
+    K, k = np.asarray(controller.K), np.asarray(controller.k)
+    u_max = np.asarray(problem.u_max)
+
+    def act(obs, t):
+        t = min(int(t), problem.T - 1)
+        v = K[t] @ np.asarray(obs, np.float64) + k[t]
+        u = u_max * np.tanh(v / u_max) if problem.squash_actions else v
+        return np.clip(u, -u_max, u_max).astype(np.float32)
+
+    return act
