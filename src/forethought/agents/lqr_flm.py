@@ -163,14 +163,15 @@ def _reference_cost(problem: Problem) -> float:
     return float(solution.cost)
 
 
-def _rollout(env, problem: Problem, controller: LinearGaussianController, seed: int):
-    """One noisy episode from the start state: states `[T+1, n]`, actions `v [T, m]`, return."""
+def _rollout(env, problem: Problem, controller: LinearGaussianController, seed: int, x0=None):
+    """One noisy episode from `x0` (default: the system's start state): states `[T+1, n]`,
+    actions `v [T, m]`, return."""
     rng = np.random.default_rng(seed)
     K, k = np.asarray(controller.K), np.asarray(controller.k)
     L = np.linalg.cholesky(np.asarray(controller.cov))
     noise = np.einsum("tij,tj->ti", L, rng.standard_normal((problem.T, problem.m)))
     u_max = np.asarray(problem.u_max)
-    obs, _ = env.reset(seed=seed, options={"state": problem.x0})
+    obs, _ = env.reset(seed=seed, options={"state": problem.x0 if x0 is None else x0})
     X, V, total = [np.asarray(obs, np.float64)], [], 0.0
     for t in range(problem.T):
         v = K[t] @ X[-1] + k[t] + noise[t]

@@ -224,18 +224,28 @@ def trajectory_kl(new: LinearGaussianController, old: LinearGaussianController, 
     return jnp.sum(jax.vmap(one)(new.K, new.k, new.cov, old.K, old.k, old.cov, m_x, S_x))
 
 
+def neg_log_prob_quadratic(controller: LinearGaussianController):
+    """`-log p(u | x)` of a linear-Gaussian controller as a quadratic in `z = [x; u]`, up to a
+    constant: `(C [T, d, d], c [T, d])` with, for `P = Sigma^-1`,
+    `C = [[K' P K, -K' P], [-P K, P]]` and `c = [K' P k; -P k]`."""
+    eye = jnp.eye(controller.action_dim, dtype=controller.cov.dtype)
+    P = jax.vmap(lambda S: jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(S), True), eye))(controller.cov)
+    PK = jnp.einsum("tij,tjk->tik", P, controller.K)              # P K   [T, m, n]
+    Pk = jnp.einsum("tij,tj->ti", P, controller.k)                # P k   [T, m]
+    top = jnp.concatenate([jnp.einsum("tji,tjk->tik", controller.K, PK), -jnp.swapaxes(PK, 1, 2)], axis=2)
+    bottom = jnp.concatenate([-PK, P], axis=2)
+    return (jnp.concatenate([top, bottom], axis=1),
+            jnp.concatenate([jnp.einsum("tji,tj->ti", controller.K, Pk), -Pk], axis=1))
+
+
 def solve_eta(dynamics: LinearGaussianDynamics, cost: QuadraticCost, old: LinearGaussianController,
               eta):
     """The maximum-entropy LQR controller of `c / eta - log p̄(u|x)` (module docstring) and
     whether every `Q_uu` was positive definite."""
     eye = jnp.eye(old.action_dim, dtype=old.cov.dtype)
-    P = jax.vmap(lambda S: jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(S), True), eye))(old.cov)
-    PK = jnp.einsum("tij,tjk->tik", P, old.K)                      # P K̄   [T, m, n]
-    Pk = jnp.einsum("tij,tj->ti", P, old.k)                        # P k̄   [T, m]
-    top = jnp.concatenate([jnp.einsum("tji,tjk->tik", old.K, PK), -jnp.swapaxes(PK, 1, 2)], axis=2)
-    bottom = jnp.concatenate([-PK, P], axis=2)
-    C = cost.C / eta + jnp.concatenate([top, bottom], axis=1)
-    c = cost.c / eta + jnp.concatenate([jnp.einsum("tji,tj->ti", old.K, Pk), -Pk], axis=1)
+    C_old, c_old = neg_log_prob_quadratic(old)
+    C = cost.C / eta + C_old
+    c = cost.c / eta + c_old
     back = backward_pass(dynamics.F, dynamics.f, C, c, cost.C_T / eta, cost.c_T / eta)
     cov = jax.vmap(lambda Q: jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(Q), True), eye))(back.Q_uu)
     cov = 0.5 * (cov + jnp.swapaxes(cov, 1, 2))
