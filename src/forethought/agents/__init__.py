@@ -25,6 +25,7 @@ AGENTS: dict[str, tuple[str, str]] = {
     "pilco": ("forethought.agents.pilco", "Config"),
     "ppo-model": ("forethought.agents.ppo_model", "Config"),
     "lqr-flm": ("forethought.agents.lqr_flm", "Config"),
+    "gps": ("forethought.agents.gps", "Config"),
 }
 
 
