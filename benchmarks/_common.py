@@ -122,3 +122,14 @@ def peer_python(flag: Path | None) -> Path | None:
     if python is not None and not (python.is_file() and os.access(python, os.X_OK)):
         raise UsageError(f"--mbrl-python {python} is not an executable file")
     return python
+
+
+def seed_list(text: str) -> list[int]:
+    """`"0-4"` -> `[0, 1, 2, 3, 4]`; `"0,3"` -> `[0, 3]` (the benchmarks' `--seeds`)."""
+    try:
+        if "-" in text:
+            lo, hi = text.split("-")
+            return list(range(int(lo), int(hi) + 1))
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise UsageError(f"--seeds must look like 0-4 or 0,3; got {text!r}") from None

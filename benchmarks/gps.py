@@ -26,13 +26,6 @@ import numpy as np
 COLUMNS = ("local_cost", "global_train_cost", "global_test_cost", "ilqr_train_cost", "ilqr_test_cost")
 
 
-def _seeds(text: str) -> list[int]:
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
-
-
 def main(out_dir: Path, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="forethought bench gps")
     parser.add_argument("--seeds", default="0-2", help="pendulum seeds (default 0-2)")
@@ -41,7 +34,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
 
     import jax
 
-    from _common import machine_info
+    from _common import machine_info, seed_list
     from forethought import systems
     from forethought._jax import enable_compilation_cache
     from forethought.agents import gps
@@ -50,7 +43,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
     from forethought.systems.gym import SystemEnv
 
     enable_compilation_cache()
-    tasks = [("pendulum", seed, lambda: make_env("pendulum"), {}) for seed in _seeds(args.seeds)]
+    tasks = [("pendulum", seed, lambda: make_env("pendulum"), {}) for seed in seed_list(args.seeds)]
     linear = systems.make("double-integrator", start_position=1.0, max_action=100.0, horizon=30)
     tasks.append(("double-integrator", 0, lambda: SystemEnv(linear),
                   dict(spread=(0.5, 0.5), hidden=32, policy_steps=500, kl_step=1.0)))
@@ -72,7 +65,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
                      "seconds": seconds})
         print(f"{name} seed {seed}: global/iLQR {runs[-1]['train_ratio']:.3f} on training starts, "
               f"{runs[-1]['test_ratio']:.3f} on test starts ({seconds:.0f} s)", flush=True)
-    record = {"machine": machine_info(None), "settings": {"seeds": _seeds(args.seeds), "episodes": args.episodes},
+    record = {"machine": machine_info(None), "settings": {"seeds": seed_list(args.seeds), "episodes": args.episodes},
               "runs": runs}
     (out_dir / "gps.json").write_text(json.dumps(record, indent=1))
     _plot(record, out_dir / "gps.png")

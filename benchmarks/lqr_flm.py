@@ -22,13 +22,6 @@ from pathlib import Path
 import numpy as np
 
 
-def _seeds(text: str) -> list[int]:
-    if "-" in text:
-        lo, hi = text.split("-")
-        return list(range(int(lo), int(hi) + 1))
-    return [int(s) for s in text.split(",")]
-
-
 def main(out_dir: Path, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="forethought bench lqr_flm")
     parser.add_argument("--envs", default="pendulum,cartpole")
@@ -40,7 +33,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
 
     import jax
 
-    from _common import machine_info
+    from _common import machine_info, seed_list
     from forethought._jax import enable_compilation_cache
     from forethought.agents import lqr_flm
     from forethought.systems import make_env
@@ -49,7 +42,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
     runs = []
     for env_name in args.envs.split(","):
         for prior in args.priors.split(","):
-            for seed in _seeds(args.seeds):
+            for seed in seed_list(args.seeds):
                 config = lqr_flm.Config(episodes=args.episodes, rollouts=args.rollouts, prior=prior)
                 started = time.perf_counter()
                 result = lqr_flm.train(config, make_env(env_name), jax.random.key(seed))
@@ -73,7 +66,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
                 "first_iteration_within_5_percent": first_within,
                 "median_seconds": float(np.median([r["seconds"] for r in group]))}
     record = {"machine": machine_info(None),
-              "settings": {"envs": args.envs, "seeds": _seeds(args.seeds), "episodes": args.episodes,
+              "settings": {"envs": args.envs, "seeds": seed_list(args.seeds), "episodes": args.episodes,
                            "rollouts": args.rollouts, "priors": args.priors,
                            "config": "forethought.agents.lqr_flm.Config defaults otherwise"},
               "summary": summary, "runs": runs}
