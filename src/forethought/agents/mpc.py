@@ -23,6 +23,12 @@ Costs are the system's own `cost(x, u, t)` (reward = -cost); for a task that end
 (`system.terminates`, e.g. `cartpole-balance`), its known `is_terminal` stops a planned rollout's
 cost at the end, as mbrl-lib's termination functions do. Every planning call is one jitted
 function of the model's parameters, the state, the previous plan and a key.
+
+A Gymnasium env (`--env gym:InvertedPendulum-v5`) has no known cost: the agent then learns the
+reward `r(x, u)` and the termination test `p(done | x')` from the same buffer, refit with the
+dynamics after every episode (`models/reward.py`), and plans on `-r` with the learned end test;
+from Python, `train(..., reward_fn=, termination_fn=)` gives them instead. Observations and actions
+must be flat `Box` spaces.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from forethought.control.mpc import shift_plan
 from forethought.control.shooting import cem_search, mppi_search, rollout_costs, shooting_search
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec, particle_cost
+from forethought.models.reward import LearnedTask
 from forethought.models.train import TrainConfig, evaluate, fit
 from forethought.rl.buffer import ReplayBuffer
 from forethought.systems.gym import system_of
@@ -166,8 +173,10 @@ class Planner:
     def initial_plan(self) -> jax.Array:
         return jnp.broadcast_to(self.fill, (self.config.horizon, self.fill.shape[0]))
 
-    def _evaluate(self, model: Ensemble | None, x, key):
+    def _evaluate(self, model: Ensemble | tuple[Ensemble, LearnedTask] | None, x, key):
         system = self.system
+        if isinstance(model, tuple):  # a learned task travels with the model (both are refit)
+            model, system = model
         end = system.is_terminal if system.terminates else None
         if model is None:
             return lambda U, _: rollout_costs(system.cost, system.dynamics, x, U, is_terminal=end)
@@ -189,18 +198,35 @@ class Planner:
         return U_new[0], shift_plan(U_new, self.fill)
 
 
-def _check_env(env: gymnasium.Env):
+def _check_env(env: gymnasium.Env, config: Config, key: jax.Array, reward_fn, termination_fn):
+    """The built-in system behind `env`, or a `LearnedTask` for a Gymnasium env with flat Box spaces."""
     system = system_of(env)
-    if system is None:
-        raise ForethoughtError("the MPC agents need a built-in system's cost for now (env "
-                               f"{env.spec.id if env.spec else type(env.unwrapped).__name__} has none); "
-                               "learned rewards for Gymnasium envs are not built yet")
-    return system
+    if system is not None:
+        if reward_fn is not None or termination_fn is not None:
+            raise ForethoughtError("reward_fn and termination_fn are for Gymnasium envs; a built-in "
+                                   f"system ({system.name}) has its own cost")
+        return system
+    name = env.spec.id if env.spec else type(env.unwrapped).__name__
+    spaces = {"observation": env.observation_space, "action": env.action_space}
+    for what, space in spaces.items():
+        if not isinstance(space, gymnasium.spaces.Box) or len(space.shape) != 1:
+            raise ForethoughtError(f"env {name}: the MPC agents support flat Box observation and action "
+                                   f"spaces; its {what} space is {space}")
+    if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
+        raise ForethoughtError(f"env {name}: the action space must be bounded, got {env.action_space}")
+    if config.model == "true":
+        raise ForethoughtError(f"--model true plans through a built-in system's dynamics; env {name} has none")
+    return LearnedTask.create(env.observation_space.shape[0], env.action_space.low, env.action_space.high,
+                              jax.random.fold_in(key, 5), reward_fn=reward_fn, termination_fn=termination_fn)
 
 
-def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None) -> Result:
+def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None, *,
+          reward_fn: Callable | None = None, termination_fn: Callable | None = None) -> Result:
+    """Run the loop of the module docstring; `reward_fn(x, u) -> r` and `termination_fn(x') ->
+    bool` (JAX-traceable) stand in for the learned ones on a Gymnasium env."""
     run = run or MemoryRun()
-    system = _check_env(env)
+    system = _check_env(env, config, key, reward_fn, termination_fn)
+    task = system if isinstance(system, LearnedTask) else None
     n, m = system.state_dim, system.action_dim
     spec = None
     if config.model != "true":
@@ -216,12 +242,12 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     buffer = ReplayBuffer(n, m)
 
     state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0)}
-    like = {"state": state, "model": model}
+    like = {"state": state, "model": model, "task": task}
     returns: list[float] = []
     restored = run.load_checkpoint(like)
     if restored is not None:
         (saved, meta) = restored
-        state, model = saved["state"], saved["model"]
+        state, model, task = saved["state"], saved["model"], saved["task"]
         returns = list(meta.get("returns", []))
         if (path := _buffer_path(run)) is not None and path.exists():
             # the buffer is saved before the checkpoint: drop what the checkpoint does not cover
@@ -231,6 +257,8 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     clock = EpisodeClock(float(state["elapsed"]))
 
     def mpc_policy(model, key):
+        if task is not None:
+            model = (model, task)
         box = {"U": planner.initial_plan(), "key": key}
 
         def policy(obs, t):
@@ -260,6 +288,9 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                 model, report = fit(model, data.obs, data.action, data.next_obs,
                                     jax.random.fold_in(ep_key, 3), train_config)
                 row.update(model_epochs=report.epochs, model_holdout_loss=report.holdout_loss[-1])
+                if task is not None:
+                    task = task.fit(data.obs, data.action, data.reward, data.next_obs, data.terminated,
+                                    jax.random.fold_in(ep_key, 4))
             else:
                 row.update(model_epochs=0, model_holdout_loss=float("nan"))
             row["wall_seconds"] = round(clock.elapsed, 3)
@@ -268,7 +299,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                      "elapsed": np.float64(clock.elapsed)}
             if (path := _buffer_path(run)) is not None:
                 buffer.save(path)
-            run.save_checkpoint({"state": state, "model": model}, episode=episode + 1, returns=returns,
+            run.save_checkpoint({"state": state, "model": model, "task": task}, episode=episode + 1, returns=returns,
                                 buffer_transitions=len(buffer))
     finally:
         run.close_progress()
