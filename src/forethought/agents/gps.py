@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 import equinox as eqx
 import gymnasium
@@ -49,8 +49,8 @@ import numpy as np
 import optax
 
 from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed
-from forethought.agents.lqr_flm import Problem, _rollout
-from forethought.control.ilqr import ilqr
+from forethought.agents import lqr_flm
+from forethought.agents.lqr_flm import Problem, _mean_cost, _reference_cost, _rollout
 from forethought.control.kl_lqr import (LinearGaussianController, expected_cost, initial_distribution,
                                         kl_update, marginals, neg_log_prob_quadratic, quadratize_cost,
                                         step_multiplier)
@@ -72,8 +72,6 @@ class Config:
     coordinates (the pendulum's angle and velocity); tests: the midpoints of the square's edges."""
     kl_step: float = 0.2
     """KL bound per iteration in nats per time step (times T and an adaptive multiplier)."""
-    prior: Literal["gmm"] = "gmm"
-    """Local dynamics: Bayesian linear regression with a GMM prior over all starts' rollouts."""
     init_std: float = 0.2
     """Action noise of the first local controllers, as a fraction of the action bound."""
     hidden: int = 64
@@ -167,15 +165,6 @@ def _policy_cost(problem: Problem, policy: Policy, x0):
     return jnp.sum(costs) + problem.terminal_cost(x_T), x_T
 
 
-def _controller_cost(problem: Problem, controller: LinearGaussianController, x0):
-    def step(x, t):
-        v = controller.mean(x, t)
-        return problem.dynamics(x, v, t), problem.cost(x, v, t)
-
-    x_T, costs = jax.lax.scan(step, x0, jnp.arange(problem.T))
-    return jnp.sum(costs) + problem.terminal_cost(x_T)
-
-
 def _at_goal(problem: Problem, x_T) -> bool:
     """Near the goal at the end: every angle within 0.3 rad of upright, velocities below 1."""
     goal = problem.system.error(x_T) if hasattr(problem.system, "error") else None
@@ -219,7 +208,7 @@ def _fit_policy(policy: Policy, states, targets, precisions, steps: int, learnin
 
 
 def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> Result:
-    problem = Problem(_flm_view(), env)
+    problem = Problem(lqr_flm.Config(cost="quadratic", squash=True), env)
     T, n, m = problem.T, problem.n, problem.m
     train_starts, test_starts = starts(problem, config.spread)
     C = len(train_starts)
@@ -242,11 +231,11 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
         returns = list(meta.get("returns", []))
     state = {k: np.array(v) for k, v in state.items()}
     policy_cov = jnp.tile(jnp.diag((config.policy_std * problem.u_max) ** 2), (T, 1, 1))
-    reference_train = [_reference(problem, x0) for x0 in train_starts]
-    reference_test = [_reference(problem, x0) for x0 in test_starts]
+    reference_train = [_reference_cost(problem, x0) for x0 in train_starts]
+    reference_test = [_reference_cost(problem, x0) for x0 in test_starts]
     clock = EpisodeClock(float(state["elapsed"]))
     evaluate_policy = eqx.filter_jit(jax.vmap(lambda p, x0: _policy_cost(problem, p, x0), in_axes=(None, 0)))
-    evaluate_local = eqx.filter_jit(jax.vmap(lambda c, x0: _controller_cost(problem, c, x0)))
+    evaluate_local = eqx.filter_jit(jax.vmap(lambda c, x0: _mean_cost(problem, c, x0)))
 
     run.progress(config.episodes, start=int(state["iteration"]))
     try:
@@ -329,19 +318,6 @@ def _supervision(local: LinearGaussianController, X: np.ndarray):
     precisions = jnp.broadcast_to(P[None, :, None], X.shape[:4] + P.shape[-2:])
     n, m = X.shape[-1], P.shape[-1]
     return X.reshape(-1, n), targets.reshape(-1, m), precisions.reshape(-1, m, m)
-
-
-def _flm_view():
-    """The LQR-FLM settings `Problem` reads (quadratic cost where a system has one, squashed actions)."""
-    from forethought.agents import lqr_flm
-
-    return lqr_flm.Config(cost="quadratic", squash=True)
-
-
-def _reference(problem: Problem, x0) -> float:
-    solution = ilqr(problem.cost, problem.dynamics, jnp.asarray(x0), jnp.zeros((problem.T, problem.m)),
-                    terminal_cost=problem.terminal_cost, maxiter=300)
-    return float(solution.cost)
 
 
 def _act(problem: Problem, policy: Policy) -> Callable[[np.ndarray, int], np.ndarray]:

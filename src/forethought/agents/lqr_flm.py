@@ -145,20 +145,20 @@ class Problem:
         return self.system.terminal_cost(x)
 
 
-@eqx.filter_jit
-def _mean_cost(problem: Problem, controller: LinearGaussianController) -> jax.Array:
-    """The cost of the controller's mean run on the true system from the start state."""
+def _mean_cost(problem: Problem, controller: LinearGaussianController, x0) -> jax.Array:
+    """The cost of the controller's mean run on the true system from `x0`."""
     def step(x, t):
         v = controller.mean(x, t)
         return problem.dynamics(x, v, t), problem.cost(x, v, t)
 
-    x_T, costs = jax.lax.scan(step, jnp.asarray(problem.x0), jnp.arange(problem.T))
+    x_T, costs = jax.lax.scan(step, jnp.asarray(x0), jnp.arange(problem.T))
     return jnp.sum(costs) + problem.terminal_cost(x_T)
 
 
-def _reference_cost(problem: Problem) -> float:
+def _reference_cost(problem: Problem, x0) -> float:
+    """iLQR's cost on the true model of the same squashed problem from `x0`, from zero controls."""
     U0 = jnp.zeros((problem.T, problem.m))
-    solution = ilqr(problem.cost, problem.dynamics, jnp.asarray(problem.x0), U0,
+    solution = ilqr(problem.cost, problem.dynamics, jnp.asarray(x0), U0,
                     terminal_cost=problem.terminal_cost, maxiter=300)
     return float(solution.cost)
 
@@ -201,7 +201,7 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
                                                    jnp.float64)
     state = {"iteration": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
              "multiplier": np.float64(1.0), "previous_cost": np.float64(np.nan),
-             "predicted_cost": np.float64(np.nan), "stored": np.int64(0),
+             "predicted_cost": np.float64(np.nan),
              "X": np.zeros((window, T + 1, n)), "V": np.zeros((window, T, m))}
     returns: list[float] = []
     costs: list[float] = []
@@ -211,7 +211,8 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
         state, controller = saved["state"], saved["controller"]
         returns, costs = list(meta.get("returns", [])), list(meta.get("costs", []))
     state = {k: np.asarray(v) for k, v in state.items()}
-    reference = _reference_cost(problem) if config.reference else None
+    reference = _reference_cost(problem, problem.x0) if config.reference else None
+    mean_cost = eqx.filter_jit(_mean_cost)
     clock = EpisodeClock(float(state["elapsed"]))
     epsilon_per_iteration = config.kl_step * T
 
@@ -228,10 +229,11 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
             # the rolling window of recent rollouts for the prior (newest last)
             state["X"] = np.concatenate([state["X"], X])[-window:]
             state["V"] = np.concatenate([state["V"], V])[-window:]
-            state["stored"] = np.int64(min(window, int(state["stored"]) + config.rollouts))
 
             t0 = time.perf_counter()
-            dynamics = _fit(config, state, X, V, jax.random.fold_in(it_key, 1))
+            stored = min(window, (iteration + 1) * config.rollouts)
+            dynamics = _fit(config, state["X"][-stored:], state["V"][-stored:], X, V,
+                            jax.random.fold_in(it_key, 1))
             quad = quadratize_cost(problem.cost, problem.terminal_cost, jnp.asarray(X), jnp.asarray(V))
             x0_mean, x0_cov = initial_distribution(X)
             actual = float(expected_cost(quad, marginals(controller, dynamics, x0_mean, x0_cov)))
@@ -246,7 +248,7 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
             state["predicted_cost"] = np.float64(update.expected_cost)
             update_seconds = time.perf_counter() - t0
 
-            cost = float(_mean_cost(problem, controller))
+            cost = float(mean_cost(problem, controller, problem.x0))
             returns.append(sample_return)
             costs.append(cost)
             row = {"episode": iteration, "env_steps": int(state["env_steps"]), "return": sample_return,
@@ -265,12 +267,12 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
     return Result(returns, costs, reference, int(state["env_steps"]), controller, _policy(problem, controller))
 
 
-def _fit(config: Config, state: dict, X: np.ndarray, V: np.ndarray, key: jax.Array):
-    """The linear-Gaussian dynamics of this iteration's rollouts (module docstring, step 2)."""
+def _fit(config: Config, past_X: np.ndarray, past_V: np.ndarray, X: np.ndarray, V: np.ndarray,
+         key: jax.Array):
+    """The linear-Gaussian dynamics of this iteration's rollouts `X, V` (module docstring, step
+    2), with a GMM prior fit to the recent rollouts `past_X, past_V`."""
     if config.prior == "none":
         return fit_linear_gaussian(X, V)
-    stored = int(state["stored"])
-    past_X, past_V = state["X"][-stored:], state["V"][-stored:]
     gmm = fit_dynamics_gmm(past_X[:, :-1].reshape(-1, X.shape[2]), past_V.reshape(-1, V.shape[2]),
                            past_X[:, 1:].reshape(-1, X.shape[2]), key)
     return fit_linear_gaussian(X, V, prior=gmm_prior(gmm, X, V, strength=config.prior_strength))
