@@ -17,7 +17,7 @@ What is timed as one action:
   (GaussianMLP(propagation_method="fixed_model")))` with the true reward and termination functions
   of `mbrl.env` for `mbrl.env.cartpole_continuous.CartPoleEnv`;
 - `ours`: `forethought.agents.mpc.Planner(PETSConfig(...those settings..., noise_beta=0.0),
-  system, spec).act(model, x, U, key)`, one jitted call per step, on `systems.make("cartpole")`
+  system, spec).act(model, x, U, key)` (the action, the next plan and the fault flag), one jitted call per step, on `systems.make("cartpole")`
   (its cost is cheap; the model dominates), plus waiting for its result;
 - `ours_bf16`: the same `Planner` with `planning_matmuls="bfloat16"` (the library's option:
   bfloat16 inputs to the model's matrix products, float32 accumulation);
@@ -412,7 +412,7 @@ def _worker(options) -> int:
         s = state[name]
         s["key"], step_key = jax.random.split(s["key"])
         start, cpu_start = time.perf_counter(), time.process_time()
-        u, s["U"] = act(mdl, s["x"], s["U"], step_key)
+        u, s["U"] = act(mdl, s["x"], s["U"], step_key)[:2]
         jax.block_until_ready((u, s["U"]))
         cpu_time, wall_time = time.process_time() - cpu_start, time.perf_counter() - start
         if timed:
@@ -640,7 +640,7 @@ def _checks(options, system, spec, model, planner, mm_f32, mm_bf16, random_trans
 
     # whole planning calls, same inputs and key
     U0 = planner.initial_plan()
-    u_ref, _ = planner.act(model, x0, U0, key)
+    u_ref, _, _ = planner.act(model, x0, U0, key)
     u_f32, _ = mm_f32(model, x0, U0, key)
     out["mm_f32"]["act_max_abs_difference"] = float(jnp.max(jnp.abs(u_f32 - u_ref)))
 
@@ -658,10 +658,10 @@ def _checks(options, system, spec, model, planner, mm_f32, mm_bf16, random_trans
         k_i = jax.random.fold_in(key, i)
         entry = compare(trained, xs, k_i, U, costs_bf16)
         entry["f32_alternative"] = compare(trained, xs, k_i, U, costs_f32)
-        u_ref, _ = planner.act(trained, xs, U0, k_i)
+        u_ref, _, _ = planner.act(trained, xs, U0, k_i)
         u_bf16, _ = mm_bf16(trained, xs, U0, k_i)
         u_f32, _ = mm_f32(trained, xs, U0, k_i)
-        u_other, _ = planner.act(trained, xs, U0, jax.random.fold_in(k_i, 1000))
+        u_other, _, _ = planner.act(trained, xs, U0, jax.random.fold_in(k_i, 1000))
         entry["action_f32_planner"] = float(u_ref[0])
         entry["action_f32_planner_other_key"] = float(u_other[0])
         entry["action_bf16"] = float(u_bf16[0])

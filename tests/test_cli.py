@@ -121,7 +121,7 @@ def test_a_killed_run_resumes_and_matches_an_uninterrupted_one(tmp_path):
 
 def test_resume_refuses_another_agents_folder(tmp_path, capsys):
     (tmp_path / "r").mkdir()
-    (tmp_path / "r" / "config.json").write_text(json.dumps({"agent": "pets", "env": "pendulum", "seed": 0}))
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"agent": "pets", "env": "pendulum", "seed": 0, "config": {}}))
     assert main(["run", "random", "--resume", str(tmp_path / "r")]) == 2
     assert "agent 'pets'" in capsys.readouterr().err
 

@@ -3,7 +3,10 @@
 `save(path, tree, meta)` flattens any pytree (Equinox modules, optimizer states, typed PRNG keys)
 into its array leaves; `load(path, like)` refills a template pytree of the same structure, so
 loading executes no code from the file. A write goes to a temporary file in the same folder and is
-renamed over the old one, so a kill mid-write leaves the previous checkpoint intact.
+renamed over the old one, so a kill mid-write leaves the previous checkpoint intact. A state
+holding NaN is refused (`forethought.faults.NumericalFault`) and the previous checkpoint stays:
+a NaN is never saved to be resumed from. Infinities are allowed ("none yet" markers such as a
+best cost so far).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 
 from forethought._io import atomic_write_bytes
 from forethought.errors import ForethoughtError
+from forethought.faults import NumericalFault, nan_leaves
 
 _META = "__meta__"
 _KEY_PREFIX = "key:"  # leaves that were typed PRNG keys, stored as their raw key data
@@ -36,6 +40,9 @@ def save(path: Path, tree: Any, meta: dict | None = None) -> None:
     """Save the array leaves of `tree` and JSON-able `meta` to `path` (an `.npz`)."""
     import io
 
+    if bad := nan_leaves(tree):
+        raise NumericalFault("checkpoint", str(path), f"the state holds NaN in {', '.join(bad)}; "
+                             "not written (the previous checkpoint is kept)")
     arrays = {}
     for i, leaf in enumerate(jax.tree_util.tree_leaves(tree)):
         if not _is_array(leaf):

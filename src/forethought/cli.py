@@ -3,12 +3,16 @@
     forethought list                          systems and agents
     forethought run AGENT --env ENV [--seed S] [--episodes N] [--out DIR] [agent flags]
     forethought run AGENT --resume RUN_DIR    continue a killed run from its last checkpoint
+    forethought run --config RUN_DIR/config.json [--out DIR] [flags]   repeat a run (flags override)
     forethought plot RUN_DIR... [--out PNG] [--x env_steps|episode] [--y return]
     forethought plan METHOD --system NAME     solve a system's problem: trajectory, GIF, cost per iteration
     forethought bench [NAME] [benchmark flags] run benchmarks/NAME.py -> benchmarks/results/NAME.{json,png}
 
 Agent flags come from the agent's `Config` dataclass (`forethought run AGENT --help` lists them).
 User mistakes print one line on stderr and exit with status 2; nothing half-written is left.
+A numerical fault under `--on-fault stop` prints one line and exits with status 3; SIGINT and
+SIGTERM exit with 130 and 143. In each case the run folder is left consistent (its metrics are
+those its last checkpoint covers), ready for `--resume`.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import contextlib
 import dataclasses
 import io
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from forethought import faults
 from forethought.errors import ForethoughtError
 
 PROG = "forethought"
@@ -38,9 +44,15 @@ def _parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="train an agent on an env", add_help=False)
     run.add_argument("agent", nargs="?", help="agent name (see `forethought list`)")
-    run.add_argument("--env", default="pendulum",
+    run.add_argument("--env", default=None,
                      help="built-in system name or gym:<Gymnasium id> (default: pendulum)")
-    run.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    run.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    run.add_argument("--config", type=Path, default=None, metavar="CONFIG_JSON",
+                     help="repeat the run recorded in this config.json (agent, env, seed, agent "
+                          "config); flags given here override it")
+    run.add_argument("--on-fault", choices=faults.POLICIES, default=None,
+                     help="on NaN or inf in a model, critic, Cholesky or planner: stop with an error "
+                          "(default) or skip the update and keep the last good values")
     run.add_argument("--out", type=Path, default=None,
                      help="run folder (default: runs/AGENT-ENV-TIME)")
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
@@ -96,15 +108,6 @@ def parse_config(config_cls: type, args: Sequence[str], prog: str, defaults: Any
         raise UsageError(_tyro_message(captured.getvalue())) from None
 
 
-def _config_from_json(config_cls: type, data: dict) -> Any:
-    fields = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(data) - fields
-    if unknown:
-        raise ForethoughtError(f"config has unknown fields {sorted(unknown)} for {config_cls.__module__}."
-                               f"Config; fields are: {', '.join(sorted(fields))}")
-    return config_cls(**data)
-
-
 def cmd_list() -> int:
     from forethought import agents, systems
 
@@ -124,9 +127,12 @@ def cmd_list() -> int:
 def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
     from forethought import agents
     from forethought._jax import enable_compilation_cache
+    from forethought.experiment.config import config_from_dict, read_record
     from forethought.experiment.run import Run, default_run_dir
     from forethought.systems import make_env
 
+    if options.agent is None and options.config is not None:
+        options.agent = read_record(options.config)["agent"]
     if options.agent is None:
         if options.help:
             print(_run_help())
@@ -142,22 +148,39 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
         return 0
 
     if options.resume is not None:
+        if options.config is not None or options.env is not None or options.seed is not None or rest:
+            raise UsageError("--resume continues a run as recorded; it takes no --config, --env, --seed "
+                             "or agent flags (only --on-fault)")
         run = Run.open(options.resume)
-        recorded = run.config
-        if recorded.get("agent") != options.agent:
-            raise UsageError(f"--resume {options.resume} is a run of agent {recorded.get('agent')!r}, "
+        record = read_record(run.path)
+        if record["agent"] != options.agent:
+            raise UsageError(f"--resume {options.resume} is a run of agent {record['agent']!r}, "
                              f"not {options.agent!r}")
-        config = _config_from_json(config_cls, recorded.get("config", {}))
-        env_name, seed, layout = recorded["env"], int(recorded["seed"]), recorded.get("env_layout_text")
+        config = config_from_dict(config_cls, record["config"], f"{run.path / 'config.json'} config")
+        env_name, seed = record["env"], record["seed"]
+        layout, on_fault = record.get("env_layout_text"), _first(options.on_fault, record.get("on_fault"), "stop")
     else:
-        config = parse_config(config_cls, rest, prog)
-        env_name, seed = options.env, options.seed
-        layout = _read_layout(options.env_layout)
+        record = {}
+        if options.config is not None:
+            record = read_record(options.config)
+            if record["agent"] != options.agent:
+                raise UsageError(f"--config {options.config} records agent {record['agent']!r}, "
+                                 f"not {options.agent!r}")
+            defaults = config_from_dict(config_cls, record["config"], f"{options.config} config")
+            config = parse_config(config_cls, rest, prog, defaults=defaults)
+        else:
+            config = parse_config(config_cls, rest, prog)
+        env_name = _first(options.env, record.get("env"), "pendulum")
+        seed = _first(options.seed, record.get("seed"), 0)
+        on_fault = _first(options.on_fault, record.get("on_fault"), "stop")
+        layout = _read_layout(options.env_layout) if options.env_layout else record.get("env_layout_text")
+    if on_fault not in faults.POLICIES:
+        raise UsageError(f"on_fault must be one of {', '.join(faults.POLICIES)}, got {on_fault!r}")
 
     env = make_env(env_name, layout=layout)  # fails before any folder is made
     if options.resume is None:
         out = options.out or default_run_dir(options.agent, env_name)
-        record = {"agent": options.agent, "env": env_name, "seed": seed,
+        record = {"agent": options.agent, "env": env_name, "seed": seed, "on_fault": on_fault,
                   "config": dataclasses.asdict(config)}
         if layout is not None:
             record["env_layout_text"] = layout
@@ -167,13 +190,26 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
     import jax
 
     print(f"run folder: {run.path}", file=sys.stderr)
+    previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = module.train(config, env, jax.random.key(seed), run)
-    except KeyboardInterrupt:
-        run.event("interrupted")
-        print(f"interrupted; continue with: {PROG} run {options.agent} --resume {run.path}", file=sys.stderr)
-        return 130
+        with faults.handling(on_fault, record=run.event):
+            result = module.train(config, env, jax.random.key(seed), run)
+    except (KeyboardInterrupt, Terminated) as stop:
+        terminated = isinstance(stop, Terminated)
+        run.settle()
+        run.event("terminated" if terminated else "interrupted")
+        print(f"{'terminated' if terminated else 'interrupted'}; continue with: "
+              f"{PROG} run {options.agent} --resume {run.path}", file=sys.stderr)
+        return 143 if terminated else 130
+    except faults.NumericalFault as fault:
+        run.settle()
+        run.event("numerical_fault", component=fault.component, step=fault.step, detail=fault.detail,
+                  handled="stopped")
+        print(f"{PROG}: error: {fault} (run stopped; its last good checkpoint is in {run.path}; "
+              "--on-fault skip goes on past such faults)", file=sys.stderr)
+        return 3
     finally:
+        signal.signal(signal.SIGTERM, previous_handler)
         env.close()
     from forethought.experiment.plot import learning_curves
 
@@ -187,6 +223,19 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
     run.event("finish")
     print(f"done: {run.path} ({', '.join(outputs)})", file=sys.stderr)
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt is for SIGINT."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _first(*values):
+    """The first value that is not None (a flag given, else the recorded value, else the default)."""
+    return next(v for v in values if v is not None)
 
 
 def _record_final_episode(env_name: str, layout: str | None, policy, seed: int, path: Path) -> Path:

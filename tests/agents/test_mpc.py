@@ -22,7 +22,7 @@ def rollout_cost(system, planner, model, x0, key):
     x, U, total = jnp.asarray(x0), planner.initial_plan(), 0.0
     for t in range(system.horizon):
         key, step_key = jax.random.split(key)
-        u, U = planner.act(model, x, U, step_key)
+        u, U, _ = planner.act(model, x, U, step_key)
         u = jnp.clip(u, system.action_low, system.action_high)
         total += float(system.cost(x, u, t))
         x = system.dynamics(x, u, t)

@@ -220,7 +220,7 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
     first = LinearGaussianController.constant(T, n, jnp.zeros(m), config.init_std * problem.u_max, jnp.float64)
     local = jax.tree.map(lambda *a: jnp.stack(a), *([first] * C))
     state = {"iteration": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
-             "multiplier": np.ones(C), "previous_cost": np.full(C, np.nan), "predicted_cost": np.full(C, np.nan),
+             "multiplier": np.ones(C), "previous_cost": np.full(C, np.inf), "predicted_cost": np.full(C, np.inf),
              # every iteration's sampled states, relabelled by the current local controllers in step 2
              "X": np.zeros((config.episodes, C, config.rollouts, T + 1, n))}
     returns: list[float] = []

@@ -200,8 +200,8 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
     controller = LinearGaussianController.constant(T, n, jnp.zeros(m), config.init_std * problem.u_max,
                                                    jnp.float64)
     state = {"iteration": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
-             "multiplier": np.float64(1.0), "previous_cost": np.float64(np.nan),
-             "predicted_cost": np.float64(np.nan),
+             "multiplier": np.float64(1.0), "previous_cost": np.float64(np.inf),  # inf: none yet
+             "predicted_cost": np.float64(np.inf),
              "X": np.zeros((window, T + 1, n)), "V": np.zeros((window, T, m))}
     returns: list[float] = []
     costs: list[float] = []

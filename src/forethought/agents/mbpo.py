@@ -269,6 +269,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                 learner, fake, m_ = _segment(spec, system, model, learner, real, fake,
                                              jax.random.fold_in(jax.random.fold_in(ep_key, 2), chunk),
                                              config.rollouts_per_step * config.update_every, k, steps, counts)
+                sac.check_skipped(learner, m_)
                 metrics.append(m_)
                 pending -= config.update_every
                 updates += steps

@@ -45,7 +45,9 @@ import numpy as np
 from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
 from forethought.control.mpc import shift_plan
 from forethought.control.shooting import cem_search, mppi_search, rollout_costs, shooting_search
+from forethought import faults
 from forethought.errors import ForethoughtError
+from forethought.faults import keep_finite
 from forethought.models.ensemble import Ensemble, EnsembleSpec, particle_cost
 from forethought.models.reward import LearnedTask
 from forethought.models.train import TrainConfig, evaluate, fit
@@ -193,9 +195,12 @@ class Planner:
         return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, is_terminal=jax.vmap(end))
 
     def _act(self, model, x, U, key):
+        """`(u, U_next, ok)`: `ok` is false when the plan's cost came out NaN or inf (a model that
+        blew up); the last good plan `U` is then followed instead (a fault to report)."""
         plan_key, model_key = jax.random.split(key)
-        U_new, _ = self._search(self._evaluate(model, x, model_key), U, plan_key)
-        return U_new[0], shift_plan(U_new, self.fill)
+        U_new, history = self._search(self._evaluate(model, x, model_key), U, plan_key)
+        U_new, ok = keep_finite(U_new, U, jnp.all(jnp.isfinite(history[-1])))
+        return U_new[0], shift_plan(U_new, self.fill), ok
 
 
 def _check_env(env: gymnasium.Env, config: Config, key: jax.Array, reward_fn, termination_fn):
@@ -256,14 +261,17 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     start, env_steps = int(state["episode"]), int(state["env_steps"])
     clock = EpisodeClock(float(state["elapsed"]))
 
-    def mpc_policy(model, key):
+    def mpc_policy(model, key, where):
         if task is not None:
             model = (model, task)
         box = {"U": planner.initial_plan(), "key": key}
 
         def policy(obs, t):
             box["key"], step_key = jax.random.split(box["key"])
-            u, box["U"] = planner.act(model, jnp.asarray(obs, jnp.float32), box["U"], step_key)
+            u, box["U"], ok = planner.act(model, jnp.asarray(obs, jnp.float32), box["U"], step_key)
+            if not ok:
+                faults.report("MPC planner", f"{where} step {t}", "every candidate plan's cost was "
+                              "NaN or inf; the last good plan is followed")
             return np.asarray(u)
 
         return policy
@@ -276,7 +284,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                 env.action_space.seed(episode_seed(jax.random.fold_in(key, 1), episode))
                 policy = lambda obs, t: env.action_space.sample()  # noqa: E731
             else:
-                policy = mpc_policy(model, ep_key)
+                policy = mpc_policy(model, ep_key, f"episode {episode}")
             result = run_episode(env, policy, episode_seed(key, episode))
             buffer.add_episode(result.observations, result.actions, result.rewards, result.terminated)
             env_steps += result.length
@@ -303,7 +311,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                                 buffer_transitions=len(buffer))
     finally:
         run.close_progress()
-    return Result(returns, env_steps, model, mpc_policy(model, jax.random.fold_in(key, 99)))
+    return Result(returns, env_steps, model, mpc_policy(model, jax.random.fold_in(key, 99), "the final policy's episode"))
 
 
 def _buffer_path(run: RunLike):

@@ -43,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed
+from forethought import faults
 from forethought.errors import ForethoughtError
+from forethought.faults import NumericalFault
 from forethought.models.ensemble import state_features
 from forethought.models.bnn import BNN, BNNSpec, BNNTrainConfig
 from forethought.models.bnn import fit as fit_bnn
@@ -223,7 +225,7 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
     gp_config = GPConfig(optimizer="adam", restarts=config.gp_restarts, max_points=config.gp_max_points)
     state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
              "count": np.int64(0), "obs": np.zeros((cap, n)), "action": np.zeros((cap, m)),
-             "next_obs": np.zeros((cap, n)), "predicted": np.float64(np.nan)}
+             "next_obs": np.zeros((cap, n)), "predicted": np.float64(np.inf)}
     returns: list[float] = []
     successes: list[bool] = []
     bnn = None
@@ -266,30 +268,38 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
             successes.append(success)
             row = {"episode": episode, "env_steps": int(state["env_steps"]), "return": total,
                    "length": steps, "cost": float(np.sum(costs[1:])), "success": int(success),
-                   "predicted_cost": float(state["predicted"])}
+                   "predicted_cost": _finite_or_nan(state["predicted"])}
             fit_seconds = opt_seconds = 0.0
             iterations = 0
             if episode + 1 < config.episodes and episode + 1 >= config.random_episodes:
                 t0 = time.perf_counter()
                 c = int(state["count"])
                 data = [jnp.asarray(state[k][:c], setup.dtype) for k in ("obs", "action", "next_obs")]
-                if bnn is None:
-                    model = GP.fit_dynamics(*data, jax.random.fold_in(ep_key, 2), gp_config, angles=setup.angles,
-                                            capacity=_bucket(c))
-                    propagated = model
-                else:  # the BNN keeps training from where it was
-                    bnn, _ = fit_bnn(bnn, *data, jax.random.fold_in(ep_key, 2), BNN_TRAINING)
-                    model = bnn
-                    propagated = ParticleModel(bnn, jax.random.fold_in(ep_key, 4), config.particles)
-                t1 = time.perf_counter()
-                policy, value, _, its = optimise_policy(propagated, policy, setup.cost, setup.layout, setup.m0,
-                                                        setup.S0, setup.horizon, config.iterations)
-                state["predicted"] = np.float64(value)
-                iterations = int(its)
-                fit_seconds, opt_seconds = t1 - t0, time.perf_counter() - t1
-                run.event("policy_optimised", episode=episode, predicted_cost=float(value),
-                          iterations=iterations, fit_seconds=round(fit_seconds, 2),
-                          optimise_seconds=round(opt_seconds, 2), points=c)
+                try:
+                    if bnn is None:
+                        model = GP.fit_dynamics(*data, jax.random.fold_in(ep_key, 2), gp_config,
+                                                angles=setup.angles, capacity=_bucket(c))
+                        propagated = model
+                    else:  # the BNN keeps training from where it was
+                        bnn, _ = fit_bnn(bnn, *data, jax.random.fold_in(ep_key, 2), BNN_TRAINING)
+                        model = bnn
+                        propagated = ParticleModel(bnn, jax.random.fold_in(ep_key, 4), config.particles)
+                    t1 = time.perf_counter()
+                    improved, value, _, its = optimise_policy(propagated, policy, setup.cost, setup.layout,
+                                                              setup.m0, setup.S0, setup.horizon, config.iterations)
+                    if not np.isfinite(float(value)):
+                        raise NumericalFault("PILCO policy optimisation", f"episode {episode}",
+                                             "the predicted cost was never finite")
+                except NumericalFault as fault:  # "skip" keeps the last policy for the next episode
+                    faults.report(fault.component, f"episode {episode} ({fault.step})", fault.detail)
+                else:
+                    policy = improved
+                    state["predicted"] = np.float64(value)
+                    iterations = int(its)
+                    fit_seconds, opt_seconds = t1 - t0, time.perf_counter() - t1
+                    run.event("policy_optimised", episode=episode, predicted_cost=float(value),
+                              iterations=iterations, fit_seconds=round(fit_seconds, 2),
+                              optimise_seconds=round(opt_seconds, 2), points=c)
             row.update(fit_seconds=round(fit_seconds, 2), optimise_seconds=round(opt_seconds, 2),
                        iterations=iterations, wall_seconds=round(clock.elapsed, 3))
             run.log(**row)
@@ -332,3 +342,9 @@ def _held(setup: Setup, policy) -> Callable[[np.ndarray, int], np.ndarray]:
 def predicted_rollout(model: GP | ParticleModel, policy, setup: Setup):
     """Means `[T+1, n]`, covariances and expected costs of the predicted rollout."""
     return predict(model, policy, setup.cost, setup.layout, setup.m0, setup.S0, setup.horizon)
+
+
+def _finite_or_nan(value) -> float:
+    """A logged number: the "none yet" sentinel (inf) of a checkpointed state becomes NaN."""
+    value = float(value)
+    return value if np.isfinite(value) else float("nan")

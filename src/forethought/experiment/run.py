@@ -129,11 +129,20 @@ class Run:
         Metric rows written after the checkpoint (an episode that was cut off) are dropped.
         """
         if not (self.path / CHECKPOINT).exists():
+            self._truncate_metrics(0)  # rows of a run killed before its first checkpoint
             return None
         state, meta = checkpoint.load(self.path / CHECKPOINT, like)
         self._truncate_metrics(int(meta.get("metric_rows", 0)))
         self.event("resume", **{k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
         return state, meta
+
+    def settle(self) -> None:
+        """Make the folder consistent after an interruption: drop the metric rows that the last
+        checkpoint does not cover (all of them if there is none)."""
+        rows = 0
+        if (self.path / CHECKPOINT).exists():
+            rows = int(checkpoint.load_meta(self.path / CHECKPOINT).get("metric_rows", 0))
+        self._truncate_metrics(rows)
 
     def progress(self, total: int, start: int = 0) -> ProgressBar:
         """A progress bar fed by `log` (rows with an `episode` column); close it when done."""

@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from forethought import faults
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import _ACTIVATIONS, Ensemble, EnsembleSpec, Network, Propagation, state_features
 from forethought.models.normalize import Normalizer
@@ -383,8 +384,9 @@ def fit(model: BNN, obs, action, next_obs, key: jax.Array,
                                                config.kl_weight, config.logvar_bound_weight)
         loss = float(_holdout(model, params, z_hold, y_hold, hold_mask, hold_key, n_data, config.kl_weight))
         if not (math.isfinite(loss) and math.isfinite(float(train_loss))):
-            raise ForethoughtError(f"fit: the BNN's loss became non-finite at epoch {epoch}; "
-                                   "try a smaller learning_rate")
+            # under faults.handling("skip") the fit ends here with the last good epoch's posterior
+            faults.report("BNN fit", f"epoch {epoch}", "the loss became NaN or inf; try a smaller learning_rate")
+            break
         train_curve.append(float(train_loss))
         hold_curve.append(loss)
         # the loss is a log-likelihood (any sign): "1%" is relative to its magnitude, at least 0.01
@@ -398,6 +400,8 @@ def fit(model: BNN, obs, action, next_obs, key: jax.Array,
             best, best_params = loss, params
         if stale >= config.patience:
             break
+    if not hold_curve:  # a fault in the first epoch: the report holds the starting point
+        train_curve, hold_curve = [float("nan")], [best]
     model = eqx.tree_at(lambda m: m.posterior, model, eqx.combine(best_params, static))
     return model, FitReport(len(train_curve), train_curve, hold_curve, [best])
 

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 
 from forethought.errors import ForethoughtError, check_finite
+from forethought.faults import NumericalFault
 from forethought.models.ensemble import state_features
 from forethought.models.normalize import Normalizer
 
@@ -303,8 +304,9 @@ class GP(eqx.Module):
             dims = np.where(bad)[0].tolist()
             sn2 = np.exp(np.asarray(params["log_sn2"]))[bad].tolist()
             precision = "" if Xn.dtype == jnp.float64 else ", or work in float64 (jax.enable_x64)"
-            raise ForethoughtError(
-                f"GP: the Cholesky factorisation of K + (noise + jitter) I failed (NaN in the factor) for "
+            raise NumericalFault(
+                "GP Cholesky", f"conditioning on {int(np.asarray(mask).sum())} points",
+                f"the Cholesky factorisation of K + (noise + jitter) I failed (NaN in the factor) for "
                 f"output dimension(s) {dims} (noise variance {sn2} in normalised units, jitter {spec.jitter} "
                 "times the signal variance): the kernel matrix is not numerically positive definite, "
                 "usually because of duplicated or nearly duplicated inputs with too little noise. Raise "
@@ -356,8 +358,8 @@ class GP(eqx.Module):
         value = np.asarray(value)
         if not np.all(np.any(np.isfinite(value), axis=1)):
             dims = np.where(~np.any(np.isfinite(value), axis=1))[0].tolist()
-            raise ForethoughtError(f"GP.fit: the marginal likelihood was never finite for output dimension(s) "
-                                   f"{dims}; raise GPConfig.jitter or check the data for duplicates")
+            raise NumericalFault("GP fit", f"{N} points", f"the marginal likelihood was never finite for output "
+                                 f"dimension(s) {dims}; raise GPConfig.jitter or check the data for duplicates")
         pick = jnp.asarray(np.argmin(np.where(np.isfinite(value), value, np.inf), axis=1))
         params = jax.tree.map(lambda a: a[jnp.arange(d), pick], best)
         spec = spec or GPSpec(D, d, Xn.shape[0], jitter)

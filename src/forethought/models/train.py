@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from forethought import faults
 from forethought.errors import ForethoughtError, check_finite
 from forethought.models.ensemble import Ensemble, Network, state_features
 from forethought.models.normalize import Normalizer
@@ -210,7 +211,7 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
 
     Normalisers are refit on all the data; each member keeps its parameters from its best
     held-out epoch; the `spec.elites` best members become the elites. Raises `ForethoughtError` on
-    NaN/inf data or wrong shapes.
+    NaN/inf data or wrong shapes; a loss that turns NaN or inf is a `faults.report`ed fault.
     """
     key, split_key = jax.random.split(key)
     data = prepare(model.spec, obs, action, next_obs, split_key, config.holdout)
@@ -234,9 +235,10 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
                                                config.bootstrap)
         losses = np.asarray(_holdout(model, eqx.combine(params, static), z_hold, y_hold, hold_mask))
         if not np.all(np.isfinite(losses)):
-            raise ForethoughtError(f"fit: the held-out loss became non-finite at epoch {epoch} "
-                                   f"(members {np.where(~np.isfinite(losses))[0].tolist()}); "
-                                   "try a smaller learning_rate")
+            # under faults.handling("skip") the fit ends here with every member's last good epoch
+            faults.report("ensemble fit", f"epoch {epoch}", "the held-out loss became NaN or inf (members "
+                          f"{np.where(~np.isfinite(losses))[0].tolist()}); try a smaller learning_rate")
+            break
         improved = losses < best - 0.01 * np.abs(best)
         better = jnp.asarray(losses < best)  # keep each member's best epoch
         best_params = jax.tree.map(lambda new, old: jnp.where(better.reshape(-1, *[1] * (new.ndim - 1)), new, old),
@@ -248,6 +250,8 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
         stale = 0 if improved.any() else stale + 1
         if stale >= config.patience:
             break
+    if not hold_curve:  # a fault in the first epoch: the report holds the starting point
+        train_curve, hold_curve = [float("nan")], [float(np.mean(best))]
     elites = np.argsort(best)[: model.spec.elites or model.spec.members]
     best_net = eqx.combine(best_params, static)
     model = eqx.tree_at(lambda m: (m.net, m.elite_index), model, (best_net, jnp.asarray(np.sort(elites), jnp.int32)))

@@ -42,7 +42,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from forethought import faults
 from forethought.errors import ForethoughtError
+from forethought.faults import all_finite, keep_finite
 from forethought.models.ensemble import state_features
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0
@@ -376,11 +378,34 @@ def train_steps(spec: SACSpec, state: SACState, pools: tuple[Pool, ...], counts:
         parts = [sample(pool, k, n) for pool, k, n in zip(pools, keys[1:], counts) if n > 0]
         batch = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
         new_state, metrics = update_step(spec, eqx.combine(params, static), batch, keys[0], target, aux)
-        return eqx.filter(new_state, eqx.is_array), metrics
+        # a step whose losses or new parameters hold NaN or inf is thrown away (faults.py)
+        new_params, ok = keep_finite(eqx.filter(new_state, eqx.is_array), params, all_finite(metrics))
+        return new_params, (metrics, ~ok)
 
-    params, metrics = jax.lax.scan(body, params, jax.random.split(key, steps))
-    return eqx.combine(params, static), jax.tree.map(jnp.mean, metrics)
+    params, (metrics, bad) = jax.lax.scan(body, params, jax.random.split(key, steps))
+    finite_mean = lambda m: jnp.sum(jnp.where(bad, 0.0, m)) / jnp.maximum(jnp.sum(~bad), 1)  # noqa: E731
+    metrics = jax.tree.map(finite_mean, metrics)
+    metrics["skipped_updates"] = jnp.sum(bad)
+    return eqx.combine(params, static), metrics
 
 
-update = eqx.filter_jit(train_steps)
-"""`train_steps` jitted (`spec`, `counts`, `steps` and `target` are static)."""
+_update = eqx.filter_jit(train_steps)
+
+
+def update(spec: SACSpec, state: SACState, pools: tuple[Pool, ...], counts: tuple[int, ...],
+           key: jax.Array, steps: int, target: TargetFn = td_target,
+           aux: Any = None) -> tuple[SACState, dict[str, jax.Array]]:
+    """`train_steps` jitted (`spec`, `counts`, `steps` and `target` are static), with skipped
+    updates reported (`check_skipped`)."""
+    state, metrics = _update(spec, state, pools, counts, key, steps, target, aux)
+    check_skipped(state, metrics)
+    return state, metrics
+
+
+def check_skipped(state: SACState, metrics: dict[str, jax.Array]) -> None:
+    """Report (`faults.report`) the updates of a `train_steps` call that produced NaN or inf."""
+    skipped = int(metrics["skipped_updates"])
+    if skipped:
+        done = int(jax.tree_util.tree_leaves(state.critic_opt)[0])  # Adam's count of good updates
+        faults.report("SAC update", f"update {done}", f"{skipped} update(s) gave NaN or inf losses or "
+                      "parameters (critic, actor or temperature) and were skipped")
