@@ -71,7 +71,8 @@ def report(component: str, step: Any, detail: str) -> None:
         record("numerical_fault", component=component, step=step, detail=detail, handled="skipped")
     import warnings
 
-    warnings.warn(f"{fault}; skipped, keeping the last good values", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"{fault} (on_fault=skip: going on with the last good values)", RuntimeWarning,
+                  stacklevel=2)
 
 
 def all_finite(tree: Any) -> jax.Array:

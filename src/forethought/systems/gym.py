@@ -160,6 +160,11 @@ def make_env(spec: str, *, render_mode: str | None = None, layout: str | None = 
         raise ForethoughtError(f"env must be a non-empty string, got {spec!r}")
     if spec.startswith("gym:"):
         gym_id = spec[4:]
+        if ":" in gym_id:
+            # gymnasium.make("module:Env") imports `module`: a config file must not run code
+            raise ForethoughtError(f"env {spec!r}: expected gym:ID with a registered Gymnasium id; ids of the "
+                                   "form module:ID are refused because they import code (import the module "
+                                   "in Python and pass the env to the agent instead)")
         try:
             return gymnasium.make(gym_id, render_mode=render_mode, **params)
         except gymnasium.error.DependencyNotInstalled as error:
