@@ -39,7 +39,7 @@ def test_stop_raises_naming_component_and_step_and_skip_records_an_event():
     with pytest.raises(NumericalFault, match=r"numerical fault in critic at update 7: loss is NaN"):
         faults.report("critic", "update 7", "loss is NaN")  # "stop" is the default
     run = MemoryRun()
-    with faults.handling("skip", record=run.event), pytest.warns(RuntimeWarning, match="skipped"):
+    with faults.handling("skip", record=run.event), pytest.warns(RuntimeWarning, match="on_fault=skip"):
         faults.report("critic", "update 7", "loss is NaN")
     assert run.events == [{"event": "numerical_fault", "component": "critic", "step": "update 7",
                            "detail": "loss is NaN", "handled": "skipped"}]

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from forethought import checkpoint
+from forethought import agents, checkpoint
 from forethought.cli import main
 from forethought.experiment.run import read_metrics
 
@@ -161,3 +161,14 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_cleanly(tmp_path):
     (out / "checkpoint.npz").unlink()  # as if killed after logging a row, before the checkpoint
     assert main(["run", "random", "--resume", str(out)]) == 0
     assert comparable(out) == reference
+
+
+@pytest.mark.parametrize("agent", [a for a in agents.names() if a != "random"])
+def test_an_unsupported_gymnasium_env_is_refused_in_one_line_before_any_folder(tmp_path, capsys, agent):
+    """Blackjack has a Tuple observation space and a Discrete action space: every learning agent
+    says what it needs and what the env has, and no run folder is made."""
+    assert main(["run", agent, "--env", "gym:Blackjack-v1", "--episodes", "2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("forethought: error: ")
+    assert ("needs" in err or "support" in err) and ("Blackjack" in err or "Discrete" in err), err
+    assert not (tmp_path / "out").exists()

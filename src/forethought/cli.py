@@ -184,24 +184,31 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
                   "config": dataclasses.asdict(config)}
         if layout is not None:
             record["env_layout_text"] = layout
-        run = Run.create(out, record)
+        # written when the agent first writes: an agent that refuses the env leaves no folder
+        run = Run.create(out, record, lazy=_announce)
+    else:
+        _announce(run.path)
 
     enable_compilation_cache()
     import jax
 
-    print(f"run folder: {run.path}", file=sys.stderr)
     previous_handler = signal.signal(signal.SIGTERM, _terminate)
     try:
         with faults.handling(on_fault, record=run.event):
             result = module.train(config, env, jax.random.key(seed), run)
     except (KeyboardInterrupt, Terminated) as stop:
         terminated = isinstance(stop, Terminated)
+        if not run.exists:
+            print("interrupted before the run wrote anything", file=sys.stderr)
+            return 143 if terminated else 130
         run.settle()
         run.event("terminated" if terminated else "interrupted")
         print(f"{'terminated' if terminated else 'interrupted'}; continue with: "
               f"{PROG} run {options.agent} --resume {run.path}", file=sys.stderr)
         return 143 if terminated else 130
     except faults.NumericalFault as fault:
+        if not run.exists:
+            raise
         run.settle()
         run.event("numerical_fault", component=fault.component, step=fault.step, detail=fault.detail,
                   handled="stopped")
@@ -231,6 +238,10 @@ class Terminated(BaseException):
 
 def _terminate(signum, frame):
     raise Terminated()
+
+
+def _announce(path: Path) -> None:
+    print(f"run folder: {path}", file=sys.stderr)
 
 
 def _first(*values):

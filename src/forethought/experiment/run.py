@@ -22,7 +22,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from forethought._io import atomic_write_text
 from forethought.errors import ForethoughtError
@@ -57,6 +57,7 @@ class Run:
     def __init__(self, path: Path, config: dict[str, Any]):
         self.path = Path(path)
         self.config = config
+        self._pending: Callable[[Path], None] | None = None  # set by a lazy `create`
         self._columns: list[str] | None = None
         self._rows = 0
         self._progress: ProgressBar | None = None
@@ -69,19 +70,39 @@ class Run:
 
     # ----- creating and opening ----------------------------------------------------------------
     @classmethod
-    def create(cls, path: Path, config: dict[str, Any]) -> "Run":
-        """Make a new run folder at `path` (which must not exist or be empty) and write config.json."""
+    def create(cls, path: Path, config: dict[str, Any], *,
+               lazy: Callable[[Path], None] | None = None) -> "Run":
+        """Make a new run folder at `path` (which must not exist or be empty) and write config.json.
+
+        With `lazy`, nothing is written until the agent first writes (a row, an event, a
+        checkpoint) or asks for a checkpoint; `lazy(path)` is called then. An agent that refuses
+        its env before that leaves no folder behind.
+        """
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             raise ForethoughtError(f"run folder {path} already exists and is not empty; "
                                    "choose another --out or continue it with --resume")
-        path.mkdir(parents=True, exist_ok=True)
         config = {**config, "created": _dt.datetime.now().isoformat(timespec="seconds"),
                   "environment": environment_info()}
-        atomic_write_text(path / CONFIG, json.dumps(config, indent=2, default=str) + "\n")
         run = cls(path, config)
-        run.event("start")
+        run._pending = lazy or (lambda _: None)
+        if lazy is None:
+            run._materialize()
         return run
+
+    @property
+    def exists(self) -> bool:
+        """Whether the folder has been written (a lazy run's is not until the agent writes)."""
+        return self._pending is None
+
+    def _materialize(self) -> None:
+        if self._pending is None:
+            return
+        announce, self._pending = self._pending, None
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / CONFIG, json.dumps(self.config, indent=2, default=str) + "\n")
+        announce(self.path)
+        self.event("start")
 
     @classmethod
     def open(cls, path: Path) -> "Run":
@@ -119,6 +140,7 @@ class Run:
 
     def save_checkpoint(self, state: Any, **meta: Any) -> None:
         """Atomically replace the checkpoint; it covers every metrics row logged so far."""
+        self._materialize()
         meta = {**meta, "metric_rows": self._rows}
         checkpoint.save(self.path / CHECKPOINT, state, meta)
         self.event("checkpoint", **{k: v for k, v in meta.items() if isinstance(v, (int, float, str))})
@@ -128,6 +150,7 @@ class Run:
 
         Metric rows written after the checkpoint (an episode that was cut off) are dropped.
         """
+        self._materialize()
         if not (self.path / CHECKPOINT).exists():
             self._truncate_metrics(0)  # rows of a run killed before its first checkpoint
             return None
@@ -139,6 +162,8 @@ class Run:
     def settle(self) -> None:
         """Make the folder consistent after an interruption: drop the metric rows that the last
         checkpoint does not cover (all of them if there is none)."""
+        if not self.exists:
+            return
         rows = 0
         if (self.path / CHECKPOINT).exists():
             rows = int(checkpoint.load_meta(self.path / CHECKPOINT).get("metric_rows", 0))
@@ -146,6 +171,7 @@ class Run:
 
     def progress(self, total: int, start: int = 0) -> ProgressBar:
         """A progress bar fed by `log` (rows with an `episode` column); close it when done."""
+        self._materialize()
         label = f"{self.config.get('agent', '')} {self.config.get('env', '')}".strip()
         self._progress = ProgressBar(total, label, start=start)
         return self._progress
@@ -157,6 +183,7 @@ class Run:
 
     # ----- internals -----------------------------------------------------------------------------
     def _append(self, name: str, text: str) -> None:
+        self._materialize()
         with open(self.path / name, "a") as handle:
             handle.write(text)
             handle.flush()
