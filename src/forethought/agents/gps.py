@@ -208,7 +208,7 @@ def _fit_policy(policy: Policy, states, targets, precisions, steps: int, learnin
 
 
 def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> Result:
-    problem = Problem(lqr_flm.Config(cost="quadratic", squash=True), env)
+    problem = Problem(lqr_flm.Config(cost="quadratic", squash=True), env, agent="GPS")
     T, n, m = problem.T, problem.n, problem.m
     train_starts, test_starts = starts(problem, config.spread)
     C = len(train_starts)

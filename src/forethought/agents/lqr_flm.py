@@ -117,11 +117,11 @@ class Result:
 class Problem:
     """The system, its start state, and the cost and dynamics in the controller's action `v`."""
 
-    def __init__(self, config: Config, env: gymnasium.Env):
+    def __init__(self, config: Config, env: gymnasium.Env, agent: str = "LQR-FLM"):
         system = system_of(env)
         if system is None or not isinstance(system, System):
             name = env.spec.id if env.spec else type(env.unwrapped).__name__
-            raise ForethoughtError(f"LQR-FLM needs a built-in continuous system (its known cost and "
+            raise ForethoughtError(f"{agent} needs a built-in continuous system (its known cost and "
                                    f"start state); env {name} is not one")
         if config.cost == "quadratic" and getattr(system, "cost_kind", "quadratic") != "quadratic":
             system = dataclasses.replace(system, cost_kind="quadratic")
