@@ -27,3 +27,21 @@ class Cut(MemoryRun):
 def without_timing(rows, also=()):
     """Metric rows without their wall-clock columns (and the columns in `also`)."""
     return [{k: v for k, v in row.items() if "seconds" not in k and k not in also} for row in rows]
+
+
+def cut_run_folder(path, stop=None):
+    """A real run folder (so agents that keep `buffer.npz` beside the checkpoint save it) that,
+    with `stop`, raises KeyboardInterrupt once the checkpoint of episode `stop` is written;
+    `cut_run_folder(path)` again opens it for resuming. Its rows are `read_metrics(path)`."""
+    from forethought.experiment.run import Run
+
+    class CutRun(Run):
+        def save_checkpoint(self, state, **meta):
+            super().save_checkpoint(state, **meta)
+            if stop is not None and meta["episode"] >= stop:
+                raise KeyboardInterrupt
+
+    if (path / "config.json").exists():
+        return CutRun(path, Run.open(path).config)
+    run = Run.create(path, {"agent": "test", "env": "test", "seed": 0})
+    return CutRun(run.path, run.config)

@@ -22,6 +22,8 @@ AGENTS: dict[str, tuple[str, str]] = {
     "sac": ("forethought.agents.sac", "Config"),
     "mbpo": ("forethought.agents.mbpo", "Config"),
     "mve": ("forethought.agents.mve", "Config"),
+    "svg": ("forethought.agents.svg", "Config"),
+    "bptt": ("forethought.agents.bptt", "Config"),
     "pilco": ("forethought.agents.pilco", "Config"),
     "ppo-model": ("forethought.agents.ppo_model", "Config"),
     "lqr-flm": ("forethought.agents.lqr_flm", "Config"),

@@ -18,8 +18,10 @@ Learning"; seed 001 "Policy Backprop"; seed 003 "Solution 2: use value function 
   norm explodes with the horizon on unstable/chaotic dynamics (the motivation for the value tail).
 * `clipped_bptt_step`: one Adam step on `-bptt_objective` with global-norm gradient clipping.
 
-Agents: `MVEConfig`/`train_mve` (registered as `mve` through `agents/mve.py`). The `svg` and
-`bptt` agents are NOT built yet (only their objectives).
+Agents: `MVEConfig`/`train_mve` (`mve`, registered through `agents/mve.py`) and
+`SVGConfig`/`train_svg` (`svg`, through `agents/svg.py`) share MBPO's loop with the model used
+inside the SAC update (the critic target for MVE, the actor loss for SVG) instead of for data;
+the `bptt` agent is `agents/bptt.py`.
 """
 
 from __future__ import annotations
@@ -164,28 +166,76 @@ class MVEConfig(_mbpo.Config):
         HorizonConfig(horizon=self.horizon, min_horizon=0)
 
 
-_TARGETS: dict = {}
+@dataclasses.dataclass(frozen=True)
+class SVGConfig(_mbpo.Config):
+    """SVG(H)/MAAC: SAC whose actor gradient runs through H steps of the learned model plus the Q tail."""
+
+    horizon: int = 3
+    """H: model steps the actor's gradient goes through before the soft-value tail (>= 1)."""
+
+    def __post_init__(self):
+        super().__post_init__()
+        HorizonConfig(horizon=self.horizon, min_horizon=1)
+
+
+_CACHE: dict = {}
+
+
+def _cached(kind: str, system, horizon: int, build):
+    """One function object per (kind, system, horizon), so `sac.update` compiles once per run."""
+    cache_key = (kind, id(system), horizon)
+    if cache_key not in _CACHE:
+        _CACHE[cache_key] = (system, build())
+    return _CACHE[cache_key][1]
+
+
+def _model_steps(system, model, key, batch_size):
+    """The ensemble as `f(X, U, t)` (TS1 particles) and the system's reward `r(X, U)`."""
+    cost = jax.vmap(system.cost, in_axes=(0, 0, None))
+    dynamics = model.as_dynamics(jax.random.fold_in(key, 1_000_003), particles=batch_size, propagation="ts1")
+    return dynamics, lambda x, a: -cost(x, a, 0)
 
 
 def _mve_target_for(system, horizon: int):
-    """A `sac.TargetFn` (cached, so `sac.update` compiles once) whose `aux` is the ensemble."""
-    cache_key = (id(system), horizon)
-    if cache_key not in _TARGETS:
-        cost = jax.vmap(system.cost, in_axes=(0, 0, None))
-
+    """A `sac.TargetFn` whose `aux` is the ensemble."""
+    def build():
         def target(spec, state, batch, key, aux):
-            model = aux
-            dynamics = model.as_dynamics(jax.random.fold_in(key, 1_000_003), particles=batch.obs.shape[0],
-                                         propagation="ts1")
-            return mve_target(spec, state, batch, key, None, dynamics, lambda x, a: -cost(x, a, 0), horizon)
+            dynamics, reward = _model_steps(system, aux, key, batch.obs.shape[0])
+            return mve_target(spec, state, batch, key, None, dynamics, reward, horizon)
+        return target
+    return _cached("mve", system, horizon, build)
 
-        _TARGETS[cache_key] = (system, target)
-    return _TARGETS[cache_key][1]
+
+def _svg_actor_for(system, horizon: int):
+    """A `sac.ActorLossFn` whose `aux` is the ensemble: `sac_svg_loss` through the model, and the
+    log-probabilities of the first step's actions for the temperature."""
+    def build():
+        def actor_objective(actor, spec, critic, log_alpha, obs, key, aux):
+            dynamics, reward = _model_steps(system, aux, key, obs.shape[0])
+            loss = sac_svg_loss(actor, spec, critic, log_alpha, obs, key, dynamics, reward, horizon)
+            _, log_prob = sac.policy(spec, actor, obs, jax.random.fold_in(key, 0))  # the objective's h = 0 draw
+            return loss, jax.lax.stop_gradient(log_prob)
+        return actor_objective
+    return _cached("svg", system, horizon, build)
 
 
 def train_mve(config: MVEConfig, env, key: jax.Array, run=None):
     """MBPO's loop (model fits, per-episode keys, checkpoint + resume) with the model used only in
     the critic target: `real_ratio` is ignored, every minibatch is real data."""
+    system = _mbpo._check_env(env)
+    return _train_with_model(config, env, key, run, system, _mve_target_for(system, config.horizon), sac.actor_loss)
+
+
+def train_svg(config: SVGConfig, env, key: jax.Array, run=None):
+    """MBPO's loop with the model used only in the actor's gradient (SVG(H)/MAAC): critics learn
+    one-step soft TD targets on real data; `real_ratio` is ignored."""
+    system = _mbpo._check_env(env)
+    return _train_with_model(config, env, key, run, system, sac.td_target, _svg_actor_for(system, config.horizon))
+
+
+def _train_with_model(config, env, key: jax.Array, run, system, target, actor_objective):
+    """The shared loop of MVE and SVG: SAC updates on real minibatches with `target` and
+    `actor_objective` given the current ensemble, refit every `model_train_every` env steps."""
     import numpy as np
     from forethought.agents import sac as sac_agent
     from forethought.agents.base import EpisodeClock, MemoryRun, episode_key, episode_seed, run_episode
@@ -194,7 +244,6 @@ def train_mve(config: MVEConfig, env, key: jax.Array, run=None):
     from forethought.rl.buffer import ReplayBuffer
 
     run = run or MemoryRun()
-    system = _mbpo._check_env(env)
     spec = sac_agent.spec_for(config, env)
     n, m = spec.obs_dim, spec.action_dim
     model_spec = EnsembleSpec(n, m, members=config.members, hidden=config.model_hidden, layers=config.model_layers,
@@ -205,7 +254,6 @@ def train_mve(config: MVEConfig, env, key: jax.Array, run=None):
     learner = sac.init(spec, jax.random.fold_in(key, 7))
     model = Ensemble.create(model_spec, jax.random.fold_in(key, 8))
     buffer = ReplayBuffer(n, m, capacity=config.buffer_size)
-    target = _mve_target_for(system, config.horizon)
     counters = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
                 "pending": np.int64(0), "updates": np.int64(0), "last_fit": np.int64(-1)}
     returns: list[float] = []
@@ -243,7 +291,8 @@ def train_mve(config: MVEConfig, env, key: jax.Array, run=None):
             while real is not None and pending >= config.update_every:
                 steps = config.update_every * config.updates_per_step
                 ck = jax.random.fold_in(jax.random.fold_in(ep_key, 2), chunk)
-                learner, m_ = sac.update(spec, learner, (real,), (config.batch_size,), ck, steps, target, model)
+                learner, m_ = sac.update(spec, learner, (real,), (config.batch_size,), ck, steps, target, model,
+                                         actor_objective)
                 metrics.append(m_)
                 pending -= config.update_every
                 updates += steps

@@ -320,8 +320,11 @@ def critic_loss(critic: Critic, spec: SACSpec, batch: Batch, y: jax.Array) -> tu
 
 
 def actor_loss(actor: Actor, spec: SACSpec, critic: Critic, log_alpha: jax.Array, obs: jax.Array,
-               key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`-mean_B V(s)` (see `soft_value`), minimised over the actor; returns `(loss, log_prob [B])`."""
+               key: jax.Array, aux: Any = None) -> tuple[jax.Array, jax.Array]:
+    """`-mean_B V(s)` (see `soft_value`), minimised over the actor; returns `(loss, log_prob [B])`.
+
+    This is the function SVG/MAAC replaces (`aux` carries its model); the replacement returns the
+    log-probabilities of its actions at `obs`, which the temperature update uses."""
     value, log_prob = soft_value(spec, actor, _stop_gradient(critic), jax.lax.stop_gradient(log_alpha), obs, key)
     return -jnp.mean(value), log_prob
 
@@ -331,20 +334,23 @@ def _stop_gradient(tree):
 
 
 TargetFn = Callable[[SACSpec, SACState, Batch, jax.Array, Any], jax.Array]
+ActorLossFn = Callable[[Actor, SACSpec, Critic, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, jax.Array]]
 
 
 def update_step(spec: SACSpec, state: SACState, batch: Batch, key: jax.Array,
-                target: TargetFn = td_target, aux: Any = None) -> tuple[SACState, dict[str, jax.Array]]:
+                target: TargetFn = td_target, aux: Any = None,
+                actor_objective: ActorLossFn = actor_loss) -> tuple[SACState, dict[str, jax.Array]]:
     """One SAC step on `batch`: critics towards `target(...)`, then the actor against the updated
-    critics, then the temperature, then the Polyak average of the targets."""
+    critics (minimising `actor_objective`), then the temperature, then the Polyak average of the
+    targets."""
     target_key, actor_key = jax.random.split(key)
     y = jax.lax.stop_gradient(target(spec, state, batch, target_key, aux))
     (c_loss, q_mean), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(state.critic, spec, batch, y)
     updates, critic_opt = optax.adam(spec.critic_lr).update(grads, state.critic_opt, _params(state.critic))
     critic = eqx.apply_updates(state.critic, updates)
 
-    (a_loss, log_prob), grads = eqx.filter_value_and_grad(actor_loss, has_aux=True)(
-        state.actor, spec, critic, state.log_alpha, batch.obs, actor_key)
+    (a_loss, log_prob), grads = eqx.filter_value_and_grad(actor_objective, has_aux=True)(
+        state.actor, spec, critic, state.log_alpha, batch.obs, actor_key, aux)
     updates, actor_opt = optax.adam(spec.actor_lr).update(grads, state.actor_opt, _params(state.actor))
     actor = eqx.apply_updates(state.actor, updates)
 
@@ -362,7 +368,7 @@ def update_step(spec: SACSpec, state: SACState, batch: Batch, key: jax.Array,
 
 def train_steps(spec: SACSpec, state: SACState, pools: tuple[Pool, ...], counts: tuple[int, ...],
                 key: jax.Array, steps: int, target: TargetFn = td_target,
-                aux: Any = None) -> tuple[SACState, dict[str, jax.Array]]:
+                aux: Any = None, actor_objective: ActorLossFn = actor_loss) -> tuple[SACState, dict[str, jax.Array]]:
     """`steps` SAC updates in one `lax.scan`; each minibatch takes `counts[i]` transitions from
     `pools[i]` (MBPO mixes real and model data this way), drawn inside the scan. Returns the new
     state and each metric's mean over the steps."""
@@ -377,7 +383,8 @@ def train_steps(spec: SACSpec, state: SACState, pools: tuple[Pool, ...], counts:
         keys = jax.random.split(step_key, len(pools) + 1)
         parts = [sample(pool, k, n) for pool, k, n in zip(pools, keys[1:], counts) if n > 0]
         batch = jax.tree.map(lambda *a: jnp.concatenate(a), *parts)
-        new_state, metrics = update_step(spec, eqx.combine(params, static), batch, keys[0], target, aux)
+        new_state, metrics = update_step(spec, eqx.combine(params, static), batch, keys[0], target, aux,
+                                         actor_objective)
         # a step whose losses or new parameters hold NaN or inf is thrown away (faults.py)
         new_params, ok = keep_finite(eqx.filter(new_state, eqx.is_array), params, all_finite(metrics))
         return new_params, (metrics, ~ok)
@@ -394,10 +401,10 @@ _update = eqx.filter_jit(train_steps)
 
 def update(spec: SACSpec, state: SACState, pools: tuple[Pool, ...], counts: tuple[int, ...],
            key: jax.Array, steps: int, target: TargetFn = td_target,
-           aux: Any = None) -> tuple[SACState, dict[str, jax.Array]]:
-    """`train_steps` jitted (`spec`, `counts`, `steps` and `target` are static), with skipped
-    updates reported (`check_skipped`)."""
-    state, metrics = _update(spec, state, pools, counts, key, steps, target, aux)
+           aux: Any = None, actor_objective: ActorLossFn = actor_loss) -> tuple[SACState, dict[str, jax.Array]]:
+    """`train_steps` jitted (`spec`, `counts`, `steps`, `target` and `actor_objective` are
+    static), with skipped updates reported (`check_skipped`)."""
+    state, metrics = _update(spec, state, pools, counts, key, steps, target, aux, actor_objective)
     check_skipped(state, metrics)
     return state, metrics
 
