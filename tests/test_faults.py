@@ -87,6 +87,19 @@ def test_an_exploding_ensemble_fit_skipped_keeps_its_last_good_epoch(exploding_f
     assert bool(jnp.all(jnp.isfinite(mean)) & jnp.all(jnp.isfinite(var)))
 
 
+def test_an_exploding_bnn_fit_stops_or_keeps_its_last_good_epoch():
+    from forethought.models.bnn import BNN, BNNSpec, BNNTrainConfig
+    from forethought.models.bnn import fit as fit_bnn
+
+    model = BNN.create(BNNSpec(1, 1, hidden=16, layers=2), jax.random.key(0))
+    data, config = noisy_sine(300, 0), BNNTrainConfig(learning_rate=1e6, batch_size=64, max_epochs=30, patience=100)
+    with pytest.raises(NumericalFault, match=r"BNN fit at epoch \d+"):
+        fit_bnn(model, *data, jax.random.key(1), config)
+    with faults.handling("skip"), pytest.warns(RuntimeWarning):
+        fitted, report = fit_bnn(model, *data, jax.random.key(1), config)
+    assert bool(faults.all_finite(eqx.filter(fitted, eqx.is_array))) and np.isfinite(report.holdout_loss[-1])
+
+
 SPEC = sac.SACSpec(obs_dim=2, action_dim=1, action_low=(-1.0,), action_high=(1.0,), hidden=16, layers=2,
                    batch_size=8)
 
