@@ -2,6 +2,7 @@
 machine, CPU), and another seed gives other metrics. A new agent must add its small config here."""
 
 import dataclasses
+import functools
 
 import jax
 import pytest
@@ -47,6 +48,7 @@ def test_every_agent_has_a_small_config_here():
     assert sorted(SMALL) == agents.names()
 
 
+@functools.lru_cache(maxsize=None)
 def _rows(name, seed):
     make, fields = SMALL[name]
     config = agents.config_class(name)(**fields)
@@ -75,3 +77,17 @@ def test_configs_round_trip_through_json_with_every_field():
         fields = SMALL[name][1]
         config = cls(**fields)
         assert config_from_dict(cls, dataclasses.asdict(config)) == config
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(SMALL) if hasattr(agents.load(n), "FIGURES")])
+def test_an_agents_own_figures_draw_from_its_metrics(tmp_path, name):
+    from forethought.experiment.plot import metric_figure
+    from forethought.experiment.run import Run
+
+    rows = _rows(name, 0)
+    run = Run.create(tmp_path / "run", {"agent": name, "env": "test", "seed": 0})
+    for row in rows:
+        run.log(**row)
+    for figure in agents.load(name).FIGURES:
+        assert all(column in rows[0] for column, _, _ in figure["lines"]), figure["name"]
+        assert metric_figure(run.path, figure).stat().st_size > 0

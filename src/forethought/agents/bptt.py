@@ -46,6 +46,12 @@ from forethought.models.train import TrainConfig, fit
 from forethought.rl.buffer import ReplayBuffer
 
 
+FIGURES = [{
+    "name": "gradient_norm.png", "title": "policy backprop: gradient norm before clipping (median per episode)",
+    "ylabel": "||grad J||", "log": True, "lines": [("grad_norm", "BPTT through the learned model", "C0-")]}]
+"""The run folder's own figures (drawn by the CLI with `experiment.plot.metric_figure`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Policy backprop: a deterministic policy trained by backprop through H steps of the learned model (no critic)."""

@@ -31,14 +31,13 @@ same unbounded `v` as the local controllers (`u = u_max tanh(v / u_max)`). Each 
 cost of the local controllers' and of the global policy's deterministic runs from the training
 starts and from the test starts (midpoints of the training square's edges), against iLQR's
 cost with the true model from each start; `return` is minus the global policy's test cost.
-`plot_costs(run_dir)` draws the local and global costs per iteration.
+`FIGURES` declares `gps_costs.png`: the local and global costs per iteration, with iLQR's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 from typing import Callable
 
 import equinox as eqx
@@ -332,33 +331,11 @@ def _act(problem: Problem, policy: Policy) -> Callable[[np.ndarray, int], np.nda
     return act
 
 
-def plot_costs(run_dir: Path, out: Path | None = None) -> Path:
-    """Local and global costs per iteration, with iLQR's, from a GPS run folder's metrics.csv."""
-    import csv
-
-    from forethought.experiment.plot import _pyplot
-
-    run_dir = Path(run_dir)
-    with open(run_dir / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    if not rows:
-        raise ForethoughtError(f"{run_dir}/metrics.csv has no rows yet")
-    it = [int(r["episode"]) + 1 for r in rows]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for column, label, style in (("local_cost", "local controllers (training starts)", "C0-"),
-                                 ("global_train_cost", "global policy, training starts", "C1-"),
-                                 ("global_test_cost", "global policy, test starts", "C2-"),
-                                 ("ilqr_train_cost", "iLQR, true model, training starts", "C1:"),
-                                 ("ilqr_test_cost", "iLQR, true model, test starts", "C2:")):
-        ax.plot(it, [float(r[column]) for r in rows], style, label=label)
-    ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("cost (mean over starts)")
-    ax.set_title("guided policy search")
-    ax.legend(fontsize=8)
-    out = Path(out) if out is not None else run_dir / "gps_costs.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+FIGURES = [{
+    "name": "gps_costs.png", "title": "guided policy search", "ylabel": "cost (mean over starts)", "log": True,
+    "lines": [("local_cost", "local controllers (training starts)", "C0-"),
+              ("global_train_cost", "global policy, training starts", "C1-"),
+              ("global_test_cost", "global policy, test starts", "C2-"),
+              ("ilqr_train_cost", "iLQR, true model, training starts", "C1:"),
+              ("ilqr_test_cost", "iLQR, true model, test starts", "C2:")]}]
+"""The run folder's own figures (drawn by the CLI with `experiment.plot.metric_figure`)."""

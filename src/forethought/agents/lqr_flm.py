@@ -54,6 +54,13 @@ from forethought.systems.base import System
 from forethought.systems.gym import system_of
 
 
+FIGURES = [{
+    "name": "cost_vs_ilqr.png", "title": "LQR-FLM against iLQR with the true model", "ylabel": "cost",
+    "lines": [("cost", "LQR-FLM (mean of the iteration's rollouts)", "C0-"),
+              ("ilqr_cost", "iLQR, true model", "k--")]}]
+"""The run folder's own figures (drawn by the CLI with `experiment.plot.metric_figure`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """LQR-FLM: linear-Gaussian controllers improved by LQR on fitted local models under a KL bound."""

@@ -61,6 +61,13 @@ BNN_TRAINING = BNNTrainConfig(batch_size=32, patience=30, max_epochs=400)
 EPISODES = {"cartpole": (25, 1), "pendulum": (40, 2)}
 
 
+FIGURES = [{
+    "name": "cost_predicted.png", "title": "PILCO: episode cost, real and predicted by moment matching",
+    "ylabel": "saturating cost over the episode",
+    "lines": [("cost", "real episode", "C0-"), ("predicted_cost", "predicted for this episode's policy", "C1--")]}]
+"""The run folder's own figures (drawn by the CLI with `experiment.plot.metric_figure`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """PILCO: GP dynamics, moment-matched rollouts, analytic policy gradients (Deisenroth 2011)."""

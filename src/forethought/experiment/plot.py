@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -90,6 +90,33 @@ def learning_curves(run_dirs: Sequence[Path], out: Path, *, x: str = "env_steps"
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def metric_figure(run_dir: Path, figure: dict[str, Any], out: Path | None = None) -> Path:
+    """One of an agent's own figures (`module.FIGURES`): columns of a run's metrics.csv against
+    the episode. `figure` has `name` (the PNG in the run folder), `title`, `ylabel`, `lines`
+    (`(column, label, matplotlib style)`, columns the run lacks are skipped) and optional `log`
+    (a log y axis) and `x` (the x column, default "episode")."""
+    run_dir = Path(run_dir)
+    metrics = read_metrics(run_dir)
+    x_column = figure.get("x", "episode")
+    lines = [line for line in figure["lines"] if line[0] in metrics]
+    if x_column not in metrics or not lines:
+        raise ForethoughtError(f"{run_dir}: metrics.csv lacks the columns of figure {figure['name']!r}")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    x = np.asarray(metrics[x_column]) + (1 if x_column == "episode" else 0)
+    for column, label, style in lines:
+        ax.plot(x, metrics[column], style, label=label, marker="o", markersize=3)
+    if figure.get("log"):
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration" if x_column == "episode" else x_column.replace("_", " "))
+    ax.set_ylabel(figure["ylabel"])
+    ax.set_title(figure["title"])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out or run_dir / figure["name"])
 
 
 def _pyplot():
