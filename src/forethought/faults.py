@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Any, Callable, Iterator
 
 import jax
@@ -69,8 +70,6 @@ def report(component: str, step: Any, detail: str) -> None:
         raise fault
     if record is not None:
         record("numerical_fault", component=component, step=step, detail=detail, handled="skipped")
-    import warnings
-
     warnings.warn(f"{fault} (on_fault=skip: going on with the last good values)", RuntimeWarning,
                   stacklevel=2)
 
