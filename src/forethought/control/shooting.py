@@ -313,8 +313,33 @@ def mppi(cost, dynamics, x0, U0, key, *, lower, upper, terminal_cost=None, popul
     return _plan(mppi_search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs)
 
 
-@eqx.filter_jit
 def _plan(search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs) -> Solution:
+    where = {shooting_search: "random_shooting", cem_search: "cem", mppi_search: "mppi"}[search]
+    check_model(where, cost, dynamics, x0, U0)
+    return _plan_jit(search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs)
+
+
+def check_model(where: str, cost, dynamics, x0, U0) -> None:
+    """Raise a `ForethoughtError` unless `dynamics(x0, U0[0], 0)` has `x0`'s shape and
+    `cost(x0, U0[0], 0)` is a scalar (checked on shapes only: nothing is computed)."""
+    x0, u0 = jnp.asarray(x0), jnp.asarray(U0)[0]
+    try:
+        x_next = jax.eval_shape(dynamics, x0, u0, 0)
+        c = jax.eval_shape(cost, x0, u0, 0)
+    except Exception as error:  # the usual cause: U0's action size is not the dynamics'
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ForethoughtError(f"{where}: dynamics(x, u, t) and cost(x, u, t) must accept x0 of shape "
+                               f"{tuple(x0.shape)} and a row of U0 of shape {tuple(u0.shape)}; calling them "
+                               f"failed ({type(error).__name__}: {detail})") from None
+    if getattr(x_next, "shape", None) != x0.shape:
+        raise ForethoughtError(f"{where}: dynamics must return the next state with x0's shape {tuple(x0.shape)}, "
+                               f"got {getattr(x_next, 'shape', type(x_next).__name__)}")
+    if getattr(c, "shape", None) != ():
+        raise ForethoughtError(f"{where}: cost must return a scalar, got shape {getattr(c, 'shape', None)}")
+
+
+@eqx.filter_jit
+def _plan_jit(search, cost, dynamics, x0, U0, key, lower, upper, terminal_cost, knobs) -> Solution:
     """Run `search` on the rollout objective and wrap its plan in a `Solution`.
 
     `eqx.filter_jit` traces every array (also those inside `cost` and `dynamics`, such as a
