@@ -218,10 +218,12 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         env.close()
-    from forethought.experiment.plot import learning_curves
+    from forethought.experiment.plot import learning_curves, metric_figure
 
     plot = learning_curves([run.path], run.path / "learning_curve.png", x="env_steps")
     outputs = [plot.name]
+    for figure in getattr(module, "FIGURES", ()):  # the agent's own pictures of its metrics
+        outputs.append(metric_figure(run.path, figure).name)
     if getattr(result, "policy", None) is not None:
         try:
             outputs.append(_record_final_episode(env_name, layout, result.policy, seed, run.path).name)
