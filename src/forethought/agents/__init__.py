@@ -28,6 +28,7 @@ AGENTS: dict[str, tuple[str, str]] = {
     "ppo-model": ("forethought.agents.ppo_model", "Config"),
     "lqr-flm": ("forethought.agents.lqr_flm", "Config"),
     "gps": ("forethought.agents.gps", "Config"),
+    "distill": ("forethought.agents.distill", "Config"),
 }
 
 
