@@ -116,3 +116,25 @@ class EpisodeClock:
     @property
     def elapsed(self) -> float:
         return self._offset + time.perf_counter() - self._start
+
+
+def save_buffer(run: RunLike, buffer) -> None:
+    """Write `buffer` to the run folder's `buffer.npz` (before the checkpoint that counts its
+    transitions); a run without a folder (`MemoryRun`) keeps nothing."""
+    path = getattr(run, "path", None)
+    if path is not None:
+        buffer.save(path / "buffer.npz")
+
+
+def restore_buffer(run: RunLike, meta: dict, buffer):
+    """The buffer saved by `save_buffer`, cut back to the `buffer_transitions` the checkpoint
+    `meta` covers (it is written first, so it may hold an episode the checkpoint does not);
+    `buffer` itself when the run has no saved one."""
+    from forethought.rl.buffer import ReplayBuffer
+
+    path = getattr(run, "path", None)
+    if path is None or not (path / "buffer.npz").exists():
+        return buffer
+    saved = ReplayBuffer.load(path / "buffer.npz")
+    saved.truncate(int(meta["buffer_transitions"]))
+    return saved

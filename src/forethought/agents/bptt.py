@@ -35,8 +35,8 @@ import numpy as np
 import optax
 
 from forethought.agents import mbpo as _mbpo
-from forethought.agents import sac as sac_agent
-from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
+from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
+                                     run_episode, save_buffer)
 from forethought.agents.model_value import HorizonConfig, bptt_objective
 from forethought import faults
 from forethought.errors import ForethoughtError
@@ -203,9 +203,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
         saved, meta = restored
         counters, policy, opt_state, model = saved["state"], saved["policy"], saved["opt"], saved["model"]
         returns = list(meta.get("returns", []))
-        if (path := sac_agent.buffer_path(run)) is not None and path.exists():
-            buffer = ReplayBuffer.load(path)
-            buffer.truncate(int(meta["buffer_transitions"]))
+        buffer = restore_buffer(run, meta, buffer)
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
     clock = EpisodeClock(float(counters["elapsed"]))
     noise_scale = np.asarray(config.exploration_std * (high - low) / 2)
@@ -248,8 +246,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
             run.log(**row)
             counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                         "elapsed": np.float64(clock.elapsed)}
-            if (path := sac_agent.buffer_path(run)) is not None:
-                buffer.save(path)
+            save_buffer(run, buffer)
             run.save_checkpoint({"state": counters, "policy": policy, "opt": opt_state, "model": model},
                                 episode=episode + 1, returns=returns, buffer_transitions=len(buffer))
     finally:

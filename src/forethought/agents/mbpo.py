@@ -44,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from forethought.agents import sac as sac_agent
-from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
+from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
+                                     run_episode, save_buffer)
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec
 from forethought.models.train import TrainConfig, fit
@@ -229,9 +230,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
         saved, meta = restored
         counters, learner, model, fake = saved["state"], saved["sac"], saved["model"], saved["model_pool"]
         returns = list(meta.get("returns", []))
-        if (path := sac_agent.buffer_path(run)) is not None and path.exists():
-            buffer = ReplayBuffer.load(path)
-            buffer.truncate(int(meta["buffer_transitions"]))
+        buffer = restore_buffer(run, meta, buffer)
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
     pending, updates, last_fit = int(counters["pending"]), int(counters["updates"]), int(counters["last_fit"])
     clock = EpisodeClock(float(counters["elapsed"]))
@@ -283,8 +282,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
             counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                         "elapsed": np.float64(clock.elapsed), "pending": np.int64(pending),
                         "updates": np.int64(updates), "last_fit": np.int64(last_fit)}
-            if (path := sac_agent.buffer_path(run)) is not None:
-                buffer.save(path)
+            save_buffer(run, buffer)
             run.save_checkpoint({"state": counters, "sac": learner, "model": model, "model_pool": fake},
                                 episode=episode + 1, returns=returns, buffer_transitions=len(buffer))
     finally:

@@ -238,7 +238,8 @@ def _train_with_model(config, env, key: jax.Array, run, system, target, actor_ob
     `actor_objective` given the current ensemble, refit every `model_train_every` env steps."""
     import numpy as np
     from forethought.agents import sac as sac_agent
-    from forethought.agents.base import EpisodeClock, MemoryRun, episode_key, episode_seed, run_episode
+    from forethought.agents.base import (EpisodeClock, MemoryRun, episode_key, episode_seed, restore_buffer,
+                                         run_episode, save_buffer)
     from forethought.models.ensemble import Ensemble, EnsembleSpec
     from forethought.models.train import TrainConfig, fit
     from forethought.rl.buffer import ReplayBuffer
@@ -262,9 +263,7 @@ def _train_with_model(config, env, key: jax.Array, run, system, target, actor_ob
         saved, meta = restored
         counters, learner, model = saved["state"], saved["sac"], saved["model"]
         returns = list(meta.get("returns", []))
-        if (path := sac_agent.buffer_path(run)) is not None and path.exists():
-            buffer = ReplayBuffer.load(path)
-            buffer.truncate(int(meta["buffer_transitions"]))
+        buffer = restore_buffer(run, meta, buffer)
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
     pending, updates, last_fit = int(counters["pending"]), int(counters["updates"]), int(counters["last_fit"])
     clock = EpisodeClock(float(counters["elapsed"]))
@@ -302,8 +301,7 @@ def _train_with_model(config, env, key: jax.Array, run, system, target, actor_ob
             counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                         "elapsed": np.float64(clock.elapsed), "pending": np.int64(pending),
                         "updates": np.int64(updates), "last_fit": np.int64(last_fit)}
-            if (path := sac_agent.buffer_path(run)) is not None:
-                buffer.save(path)
+            save_buffer(run, buffer)
             run.save_checkpoint({"state": counters, "sac": learner, "model": model},
                                 episode=episode + 1, returns=returns, buffer_transitions=len(buffer))
     finally:

@@ -42,7 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
+from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
+                                     run_episode, save_buffer)
 from forethought.control.mpc import shift_plan
 from forethought.control.shooting import cem_search, mppi_search, rollout_costs, shooting_search
 from forethought import faults
@@ -254,10 +255,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
         (saved, meta) = restored
         state, model, task = saved["state"], saved["model"], saved["task"]
         returns = list(meta.get("returns", []))
-        if (path := _buffer_path(run)) is not None and path.exists():
-            # the buffer is saved before the checkpoint: drop what the checkpoint does not cover
-            buffer = ReplayBuffer.load(path)
-            buffer.truncate(int(meta["buffer_transitions"]))
+        buffer = restore_buffer(run, meta, buffer)
     start, env_steps = int(state["episode"]), int(state["env_steps"])
     clock = EpisodeClock(float(state["elapsed"]))
 
@@ -305,18 +303,12 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
             run.log(**row)
             state = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                      "elapsed": np.float64(clock.elapsed)}
-            if (path := _buffer_path(run)) is not None:
-                buffer.save(path)
+            save_buffer(run, buffer)
             run.save_checkpoint({"state": state, "model": model, "task": task}, episode=episode + 1, returns=returns,
                                 buffer_transitions=len(buffer))
     finally:
         run.close_progress()
     return Result(returns, env_steps, model, mpc_policy(model, jax.random.fold_in(key, 99), "the final policy's episode"))
-
-
-def _buffer_path(run: RunLike):
-    path = getattr(run, "path", None)
-    return None if path is None else path / "buffer.npz"
 
 
 def model_report(model: Ensemble, buffer: ReplayBuffer) -> dict[str, float]:

@@ -65,8 +65,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forethought.agents import sac as sac_agent
-from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
+from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
+                                     run_episode, save_buffer)
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec
 from forethought.models.train import TrainConfig, fit
@@ -362,9 +362,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
         saved, meta = restored
         counters, state, model = saved["state"], saved["ppo"], saved["model"]
         returns = list(meta.get("returns", []))
-        if (path := sac_agent.buffer_path(run)) is not None and path.exists():
-            buffer = ReplayBuffer.load(path)
-            buffer.truncate(int(meta["buffer_transitions"]))
+        buffer = restore_buffer(run, meta, buffer)
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
     clock = EpisodeClock(float(counters["elapsed"]))
 
@@ -391,8 +389,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                     model_holdout_loss=report.holdout_loss[-1])
             counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                         "elapsed": np.float64(clock.elapsed)}
-            if (path := sac_agent.buffer_path(run)) is not None:
-                buffer.save(path)
+            save_buffer(run, buffer)
             run.save_checkpoint({"state": counters, "ppo": state, "model": model}, episode=episode + 1,
                                 returns=returns, buffer_transitions=len(buffer))
     finally:

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, run_episode
+from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
+                                     run_episode, save_buffer)
 from forethought.errors import ForethoughtError
 from forethought.rl import sac
 from forethought.rl.buffer import ReplayBuffer
@@ -179,10 +180,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
         saved, meta = restored
         counters, learner = saved["state"], saved["sac"]
         returns = list(meta.get("returns", []))
-        if (path := buffer_path(run)) is not None and path.exists():
-            # the buffer is saved before the checkpoint: drop what the checkpoint does not cover
-            buffer = ReplayBuffer.load(path)
-            buffer.truncate(int(meta["buffer_transitions"]))
+        buffer = restore_buffer(run, meta, buffer)
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
     pending, updates = int(counters["pending"]), int(counters["updates"])
     clock = EpisodeClock(float(counters["elapsed"]))
@@ -216,15 +214,9 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
             counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                         "elapsed": np.float64(clock.elapsed), "pending": np.int64(pending),
                         "updates": np.int64(updates)}
-            if (path := buffer_path(run)) is not None:
-                buffer.save(path)
+            save_buffer(run, buffer)
             run.save_checkpoint({"state": counters, "sac": learner}, episode=episode + 1, returns=returns,
                                 buffer_transitions=len(buffer))
     finally:
         run.close_progress()
     return Result(returns, env_steps, learner, greedy_policy(spec, learner.actor))
-
-
-def buffer_path(run: RunLike):
-    path = getattr(run, "path", None)
-    return None if path is None else path / "buffer.npz"
