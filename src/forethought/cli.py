@@ -4,7 +4,10 @@
     forethought run AGENT --env ENV [--seed S] [--episodes N] [--out DIR] [agent flags]
     forethought run AGENT --resume RUN_DIR    continue a killed run from its last checkpoint
     forethought run --config RUN_DIR/config.json [--out DIR] [flags]   repeat a run (flags override)
+    forethought sweep AGENT --env ENV --seeds 0-9 [--grid FIELD=V1,V2 ...] [--address auto|HOST:PORT|ray://...]
+                                              seeds x settings as Ray Tune trials, one run folder each
     forethought plot RUN_DIR... [--out PNG] [--x env_steps|episode] [--y return]
+    forethought plot SWEEP_DIR [--threshold R] per-setting figures, summary.csv and a table of a sweep
     forethought plan METHOD --system NAME     solve a system's problem: trajectory, GIF, cost per iteration
     forethought bench [NAME] [benchmark flags] run benchmarks/NAME.py -> benchmarks/results/NAME.{json,png}
 
@@ -21,11 +24,12 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import os
 import re
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from forethought import faults
 from forethought.errors import ForethoughtError
@@ -59,7 +63,43 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue this run folder from its last checkpoint")
     run.add_argument("--env-layout", type=Path, default=None, metavar="FILE",
                      help="maze layout file for --env maze (# wall, . free, S start, G goal)")
+    run.add_argument("--tensorboard", action="store_true",
+                     help="also write the metrics rows, as they are logged, to a TensorBoard event file "
+                          "in the run folder")
     run.add_argument("-h", "--help", action="store_true", help="show this help and the agent's flags")
+
+    sweep = commands.add_parser("sweep", help="run seeds x settings of an agent as Ray Tune trials", add_help=False)
+    sweep.add_argument("agent", nargs="?", help="agent name (see `forethought list`)")
+    sweep.add_argument("--env", default="pendulum",
+                       help="built-in system name or gym:<Gymnasium id> (default: pendulum)")
+    sweep.add_argument("--seeds", default="0", help="seeds: a range 0-9, a list 0,3,5 or both (default: 0)")
+    sweep.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2",
+                       help="agent config field and the values to try (repeat for more fields; every "
+                            "combination is a setting); agent flags given as usual apply to all settings")
+    sweep.add_argument("--address", default=None,
+                       help="Ray cluster to use: auto, HOST:PORT or ray://HOST:10001 (default: start Ray "
+                            "on this machine)")
+    sweep.add_argument("--num-cpus", type=_positive("--num-cpus"), default=None,
+                       help="CPUs of the local Ray (default: all of this machine's)")
+    sweep.add_argument("--cpus-per-trial", type=_positive("--cpus-per-trial"), default=1,
+                       help="CPUs each trial reserves; its JAX uses that many threads (default: 1)")
+    sweep.add_argument("--concurrency", type=_positive("--concurrency"), default=None,
+                       help="most trials at once (default: as many as the CPUs allow)")
+    sweep.add_argument("--max-failures", type=_positive("--max-failures", minimum=0), default=3,
+                       help="retries of a trial whose worker died; each resumes its run folder (default: 3)")
+    sweep.add_argument("--on-fault", choices=faults.POLICIES, default="stop",
+                       help="numerical faults in a trial: stop it (default) or skip the update")
+    sweep.add_argument("--threshold", type=float, default=None,
+                       help="return for the summary's 'env steps to threshold' column")
+    sweep.add_argument("--out", type=Path, default=None,
+                       help="sweep folder (default: runs/sweep-AGENT-ENV-TIME); the same command with the "
+                            "same --out continues an interrupted sweep")
+    sweep.add_argument("--env-layout", type=Path, default=None, metavar="FILE",
+                       help="maze layout file for --env maze")
+    sweep.add_argument("--tensorboard", action="store_true",
+                       help="each run also writes its metrics live to a TensorBoard event file "
+                            "(tensorboard --logdir SWEEP_DIR)")
+    sweep.add_argument("-h", "--help", action="store_true", help="show this help and the agent's flags")
 
     plan = commands.add_parser("plan", help="solve a system's control problem and plot it")
     plan.add_argument("method", help="ilqr, ddp, collocation, cem, mppi or random")
@@ -72,13 +112,31 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("name", nargs="?", help="benchmark name (benchmarks/NAME.py); none lists them")
     bench.add_argument("--out", type=Path, default=None, help="results folder (default: benchmarks/results)")
 
-    plot = commands.add_parser("plot", help="plot learning curves of run folders")
-    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR")
+    plot = commands.add_parser("plot", help="plot learning curves of run folders, or summarise a sweep")
+    plot.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR",
+                      help="run folders, or one sweep folder (it holds sweep.json)")
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/learning_curve.png "
-                      "for one run, learning_curves.png for several)")
+                      "for one run, learning_curves.png for several); for a sweep, the folder for "
+                      "summary.csv and plots/ (default: SWEEP_DIR)")
+    plot.add_argument("--threshold", type=float, default=None,
+                      help="sweeps only: return whose first crossing the summary reports in env steps")
     plot.add_argument("--x", default="env_steps", help="x column (default: env_steps)")
     plot.add_argument("--y", default="return", help="y column (default: return)")
     return parser
+
+
+def _positive(flag: str, minimum: int = 1):
+    """An argparse type: an integer >= `minimum`, the error naming `flag`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+    parse.__name__ = flag
+    return parse
 
 
 def _tyro_message(text: str) -> str:
@@ -126,10 +184,8 @@ def cmd_list() -> int:
 
 def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
     from forethought import agents
-    from forethought._jax import enable_compilation_cache
     from forethought.experiment.config import config_from_dict, read_record
     from forethought.experiment.run import Run, default_run_dir
-    from forethought.systems import make_env
 
     if options.agent is None and options.config is not None:
         options.agent = read_record(options.config)["agent"]
@@ -138,7 +194,6 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
             print(_run_help())
             return 0
         raise UsageError(f"run: missing AGENT; expected one of: {', '.join(agents.names())}")
-    module = agents.load(options.agent)
     config_cls = agents.config_class(options.agent)
     prog = f"{PROG} run {options.agent}"
     if options.help:
@@ -177,22 +232,57 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
     if on_fault not in faults.POLICIES:
         raise UsageError(f"on_fault must be one of {', '.join(faults.POLICIES)}, got {on_fault!r}")
 
+    out = run.path if options.resume is not None else options.out or default_run_dir(options.agent, env_name)
+    return run_trial(options.agent, env_name, seed, config, out, resume=options.resume is not None,
+                     on_fault=on_fault, layout=layout, tensorboard=options.tensorboard)
+
+
+def run_trial(agent: str, env_name: str, seed: int, config: Any, out: Path, *, resume: bool = False,
+              on_fault: str = "stop", layout: str | None = None,
+              on_open: Callable[[Any], None] | None = None, tensorboard: bool = False) -> int:
+    """Train `agent` on `env_name` with `config` (its `Config`) and `seed` into the run folder `out`,
+    exactly as `forethought run` does; with `resume`, continue `out` from its last checkpoint.
+
+    Builds the env first (a bad one fails before any folder is made), writes metrics, events and
+    checkpoints as the agent goes, then the learning curve, the agent's figures and a GIF of the
+    final policy. `on_open(run)` is called once the `Run` exists (a sweep records its worker there).
+    With `tensorboard`, the metrics rows also go to a TensorBoard event file in `out` as they come.
+    Returns the exit status: 0 done, 3 numerical fault, 130 / 143 interrupted / terminated (the
+    folder is then consistent and resumable). SIGTERM is caught only in the main thread, where
+    Python lets a handler be set.
+    """
+    import threading
+
+    from forethought import agents
+    from forethought._jax import enable_compilation_cache
+    from forethought.experiment.run import Run
+    from forethought.systems import make_env
+
+    module = agents.load(agent)
     env = make_env(env_name, layout=layout)  # fails before any folder is made
-    if options.resume is None:
-        out = options.out or default_run_dir(options.agent, env_name)
-        record = {"agent": options.agent, "env": env_name, "seed": seed, "on_fault": on_fault,
+    if resume:
+        run = Run.open(out)
+        _announce(run.path)
+    else:
+        record = {"agent": agent, "env": env_name, "seed": seed, "on_fault": on_fault,
                   "config": dataclasses.asdict(config)}
         if layout is not None:
             record["env_layout_text"] = layout
         # written when the agent first writes: an agent that refuses the env leaves no folder
         run = Run.create(out, record, lazy=_announce)
-    else:
-        _announce(run.path)
+    if on_open is not None:
+        on_open(run)
 
     enable_compilation_cache()
     import jax
 
-    previous_handler = signal.signal(signal.SIGTERM, _terminate)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    follower = None
+    if tensorboard:
+        from forethought.experiment.aggregate import FollowMetrics
+
+        follower = FollowMetrics(run.path)
     try:
         with faults.handling(on_fault, record=run.event):
             result = module.train(config, env, jax.random.key(seed), run)
@@ -204,7 +294,7 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
         run.settle()
         run.event("terminated" if terminated else "interrupted")
         print(f"{'terminated' if terminated else 'interrupted'}; continue with: "
-              f"{PROG} run {options.agent} --resume {run.path}", file=sys.stderr)
+              f"{PROG} run {agent} --resume {run.path}", file=sys.stderr)
         return 143 if terminated else 130
     except faults.NumericalFault as fault:
         if not run.exists:
@@ -216,7 +306,10 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
               "--on-fault skip goes on past such faults)", file=sys.stderr)
         return 3
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
+        if follower is not None:
+            follower.stop()
         env.close()
     from forethought.experiment.plot import learning_curves, metric_figure
 
@@ -326,9 +419,73 @@ def cmd_bench(options: argparse.Namespace, rest: list[str]) -> int:
     return int(module.main(out, rest) or 0)
 
 
+def cmd_sweep(options: argparse.Namespace, rest: list[str]) -> int:
+    """`forethought sweep`: check everything here, then hand the trials to Ray Tune."""
+    from forethought import agents
+    from forethought.experiment import aggregate, sweep
+    from forethought.experiment.run import default_run_dir
+    from forethought.systems import make_env
+
+    if options.agent is None:
+        if options.help:
+            print(_sweep_help())
+            return 0
+        raise UsageError(f"sweep: missing AGENT; expected one of: {', '.join(agents.names())}")
+    config_cls = agents.config_class(options.agent)
+    prog = f"{PROG} sweep {options.agent}"
+    if options.help:
+        print(_sweep_help())
+        print(f"\nflags of the {options.agent} agent (they apply to every setting):")
+        parse_config(config_cls, ["--help"], prog)
+        return 0
+    sweep.require_ray()
+    if options.address is not None and options.num_cpus is not None:
+        raise UsageError("--num-cpus sizes the local Ray; a cluster given by --address has its own CPUs")
+    num_cpus = options.num_cpus or os.cpu_count() or 1
+    if options.address is None and options.cpus_per_trial > num_cpus:
+        raise UsageError(f"--cpus-per-trial {options.cpus_per_trial} is more than the {num_cpus} CPUs of "
+                         "the local Ray (--num-cpus)")
+    seeds = sweep.parse_seeds(options.seeds)
+    settings = sweep.parse_grid(options.grid, config_cls, rest, prog)
+    layout = _read_layout(options.env_layout)
+    make_env(options.env, layout=layout).close()  # a bad env fails before any folder is made
+    out = options.out or default_run_dir(f"sweep-{options.agent}", options.env)
+    record = sweep.plan(options.agent, options.env, seeds, settings, grid=options.grid, agent_flags=rest,
+                        on_fault=options.on_fault, layout=layout)
+    sweep.claim(out, record, write=False)  # another sweep's folder is refused before Ray starts
+    print(f"sweep: {len(settings)} setting(s) x {len(seeds)} seed(s) of {options.agent} on {options.env} "
+          f"-> {out}", file=sys.stderr)
+    outcomes = sweep.run_sweep(out, record, address=options.address, tensorboard=options.tensorboard,
+                               num_cpus=None if options.address else num_cpus,
+                               cpus_per_trial=options.cpus_per_trial, concurrency=options.concurrency,
+                               max_failures=options.max_failures)
+    failed = {name: o for name, o in outcomes.items() if o.get("exit_code") != 0}
+    summary = aggregate.summarize(out, threshold=options.threshold)
+    print(aggregate.format_table(summary))
+    print(f"summary: {summary.csv} and {summary.figures[0].parent}", file=sys.stderr)
+    for name, outcome in failed.items():
+        print(f"{PROG}: trial {name} did not complete: "
+              f"{outcome.get('error') or 'exit ' + str(outcome.get('exit_code'))}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _sweep_help() -> str:
+    help_text = _parser()._subparsers._group_actions[0].choices["sweep"].format_help()  # type: ignore[union-attr]
+    return help_text.replace("usage: forethought sweep", "usage: forethought sweep AGENT", 1)
+
+
 def cmd_plot(options: argparse.Namespace) -> int:
     from forethought.experiment.plot import learning_curves
 
+    if len(options.runs) == 1 and (options.runs[0] / "sweep.json").is_file():
+        from forethought.experiment import aggregate
+
+        summary = aggregate.summarize(options.runs[0], threshold=options.threshold, out=options.out)
+        print(aggregate.format_table(summary))
+        print(summary.csv)
+        return 0
+    if options.threshold is not None:
+        raise UsageError("--threshold is for a sweep folder (one that holds sweep.json)")
     if options.out is None:
         options.out = (options.runs[0] / "learning_curve.png" if len(options.runs) == 1
                        else Path("learning_curves.png"))
@@ -353,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if options.command is None:
             parser.print_help()
             return 2
-        if options.command not in ("run", "bench") and rest:
+        if options.command not in ("run", "bench", "sweep") and rest:
             raise UsageError(f"unrecognized arguments: {' '.join(rest)}")
         if options.command == "list":
             return cmd_list()
@@ -363,6 +520,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_plan(options)
         if options.command == "bench":
             return cmd_bench(options, rest)
+        if options.command == "sweep":
+            return cmd_sweep(options, rest)
         return cmd_run(options, rest)
     except ForethoughtError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
