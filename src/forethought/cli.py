@@ -63,6 +63,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="continue this run folder from its last checkpoint")
     run.add_argument("--env-layout", type=Path, default=None, metavar="FILE",
                      help="maze layout file for --env maze (# wall, . free, S start, G goal)")
+    run.add_argument("--no-gif", action="store_true",
+                     help="skip the GIF of an episode of the final policy")
     run.add_argument("--tensorboard", action="store_true",
                      help="also write the metrics rows, as they are logged, to a TensorBoard event file "
                           "in the run folder")
@@ -96,6 +98,11 @@ def _parser() -> argparse.ArgumentParser:
                             "same --out continues an interrupted sweep")
     sweep.add_argument("--env-layout", type=Path, default=None, metavar="FILE",
                        help="maze layout file for --env maze")
+    sweep.add_argument("--vectorize", action="store_true",
+                       help="run the seeds of each setting as one vmapped program (one trial per setting; "
+                            "built-in systems, agents that have a vectorized form)")
+    sweep.add_argument("--no-gif", action="store_true",
+                       help="skip each run's GIF of an episode of its final policy")
     sweep.add_argument("--tensorboard", action="store_true",
                        help="each run also writes its metrics live to a TensorBoard event file "
                             "(tensorboard --logdir SWEEP_DIR)")
@@ -234,22 +241,33 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
 
     out = run.path if options.resume is not None else options.out or default_run_dir(options.agent, env_name)
     return run_trial(options.agent, env_name, seed, config, out, resume=options.resume is not None,
-                     on_fault=on_fault, layout=layout, tensorboard=options.tensorboard)
+                     on_fault=on_fault, layout=layout, tensorboard=options.tensorboard, gif=not options.no_gif)
 
 
-def run_trial(agent: str, env_name: str, seed: int, config: Any, out: Path, *, resume: bool = False,
-              on_fault: str = "stop", layout: str | None = None,
-              on_open: Callable[[Any], None] | None = None, tensorboard: bool = False) -> int:
+def run_trial(agent: str, env_name: str, seed: int, config: Any, out: Path, *, resume: bool | None = False,
+              **options: Any) -> int:
     """Train `agent` on `env_name` with `config` (its `Config`) and `seed` into the run folder `out`,
-    exactly as `forethought run` does; with `resume`, continue `out` from its last checkpoint.
+    exactly as `forethought run` does; with `resume`, continue `out` from its last checkpoint
+    (None: if it has one). `options` are those of `run_trials`."""
+    return run_trials(agent, env_name, [seed], config, [out], resume=resume, **options)
+
+
+def run_trials(agent: str, env_name: str, seeds: Sequence[int], config: Any, outs: Sequence[Path], *,
+               resume: bool | None = False, vectorize: bool = False, on_fault: str = "stop",
+               layout: str | None = None, on_open: Callable[[Any], None] | None = None,
+               tensorboard: bool = False, gif: bool = True) -> int:
+    """Train `agent` on `env_name` with `config` once per seed, into run folder `outs[i]` for
+    `seeds[i]`: one seed as `forethought run` does, several only with `vectorize` (the agent's
+    `train_vectorized`, all seeds as one vmapped program).
 
     Builds the env first (a bad one fails before any folder is made), writes metrics, events and
-    checkpoints as the agent goes, then the learning curve, the agent's figures and a GIF of the
-    final policy. `on_open(run)` is called once the `Run` exists (a sweep records its worker there).
-    With `tensorboard`, the metrics rows also go to a TensorBoard event file in `out` as they come.
-    Returns the exit status: 0 done, 3 numerical fault, 130 / 143 interrupted / terminated (the
-    folder is then consistent and resumable). SIGTERM is caught only in the main thread, where
-    Python lets a handler be set.
+    checkpoints as the agent goes, then each run's learning curve, the agent's figures and (with
+    `gif`) a GIF of the final policy. `resume=True` continues existing folders from their last
+    checkpoints, None does so for the folders that exist. `on_open(run)` is called once each `Run`
+    exists (a sweep records its worker there). With `tensorboard`, the metrics rows also go to a
+    TensorBoard event file in each folder as they come. Returns the exit status: 0 done, 3
+    numerical fault, 130 / 143 interrupted / terminated (the folders are then consistent and
+    resumable). SIGTERM is caught only in the main thread, where Python lets a handler be set.
     """
     import threading
 
@@ -259,72 +277,107 @@ def run_trial(agent: str, env_name: str, seed: int, config: Any, out: Path, *, r
     from forethought.systems import make_env
 
     module = agents.load(agent)
+    if vectorize and not hasattr(module, "train_vectorized"):
+        raise ForethoughtError(f"--vectorize: agent {agent} has no vectorized form (agents with one: "
+                               f"{', '.join(vectorized_agents())})")
+    if len(seeds) != len(outs) or not seeds or (len(seeds) > 1 and not vectorize):
+        raise ForethoughtError(f"run_trials: expected a run folder per seed (several only with vectorize), "
+                               f"got {len(seeds)} seeds and {len(outs)} folders")
     env = make_env(env_name, layout=layout)  # fails before any folder is made
-    if resume:
-        run = Run.open(out)
-        _announce(run.path)
-    else:
-        record = {"agent": agent, "env": env_name, "seed": seed, "on_fault": on_fault,
-                  "config": dataclasses.asdict(config)}
-        if layout is not None:
-            record["env_layout_text"] = layout
-        # written when the agent first writes: an agent that refuses the env leaves no folder
-        run = Run.create(out, record, lazy=_announce)
-    if on_open is not None:
-        on_open(run)
+    runs = []
+    for seed, out in zip(seeds, outs):
+        if resume or (resume is None and (Path(out) / "config.json").is_file()):
+            runs.append(Run.open(out))
+            _announce(runs[-1].path)
+        else:
+            record = {"agent": agent, "env": env_name, "seed": seed, "on_fault": on_fault,
+                      "config": dataclasses.asdict(config)}
+            if layout is not None:
+                record["env_layout_text"] = layout
+            # written when the agent first writes: an agent that refuses the env leaves no folder
+            runs.append(Run.create(out, record, lazy=_announce))
+        if on_open is not None:
+            on_open(runs[-1])
 
     enable_compilation_cache()
     import jax
 
+    def record_fault(kind: str, **data: Any) -> None:
+        for run in runs:
+            run.event(kind, **data)
+
     main_thread = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
-    follower = None
+    followers = []
     if tensorboard:
         from forethought.experiment.aggregate import FollowMetrics
 
-        follower = FollowMetrics(run.path)
+        followers = [FollowMetrics(run.path) for run in runs]
+    again = (f"{PROG} run {agent} --resume {runs[0].path}" if len(runs) == 1
+             else "the same sweep command (its --out)")
     try:
-        with faults.handling(on_fault, record=run.event):
-            result = module.train(config, env, jax.random.key(seed), run)
+        with faults.handling(on_fault, record=record_fault):
+            if vectorize:
+                results = module.train_vectorized(config, env, [jax.random.key(s) for s in seeds], runs)
+            else:
+                results = [module.train(config, env, jax.random.key(seeds[0]), runs[0])]
     except (KeyboardInterrupt, Terminated) as stop:
         terminated = isinstance(stop, Terminated)
-        if not run.exists:
+        if not any(run.exists for run in runs):
             print("interrupted before the run wrote anything", file=sys.stderr)
             return 143 if terminated else 130
-        run.settle()
-        run.event("terminated" if terminated else "interrupted")
-        print(f"{'terminated' if terminated else 'interrupted'}; continue with: "
-              f"{PROG} run {agent} --resume {run.path}", file=sys.stderr)
+        for run in runs:
+            run.settle()
+            if run.exists:
+                run.event("terminated" if terminated else "interrupted")
+        print(f"{'terminated' if terminated else 'interrupted'}; continue with: {again}", file=sys.stderr)
         return 143 if terminated else 130
     except faults.NumericalFault as fault:
-        if not run.exists:
+        if not any(run.exists for run in runs):
             raise
-        run.settle()
-        run.event("numerical_fault", component=fault.component, step=fault.step, detail=fault.detail,
-                  handled="stopped")
-        print(f"{PROG}: error: {fault} (run stopped; its last good checkpoint is in {run.path}; "
+        for run in runs:
+            run.settle()
+            if run.exists:
+                run.event("numerical_fault", component=fault.component, step=fault.step, detail=fault.detail,
+                          handled="stopped")
+        where = runs[0].path if len(runs) == 1 else runs[0].path.parent
+        print(f"{PROG}: error: {fault} (run stopped; its last good checkpoint is in {where}; "
               "--on-fault skip goes on past such faults)", file=sys.stderr)
         return 3
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, previous_handler)
-        if follower is not None:
+        for follower in followers:
             follower.stop()
         env.close()
+    for run, seed, result in zip(runs, seeds, results):
+        _finish_run(module, run, result, env_name, layout, seed, gif)
+    return 0
+
+
+def vectorized_agents() -> list[str]:
+    """The agents whose seeds `--vectorize` runs as one program."""
+    from forethought import agents
+
+    return [name for name in agents.names() if hasattr(agents.load(name), "train_vectorized")]
+
+
+def _finish_run(module, run, result, env_name: str, layout: str | None, seed: int, gif: bool) -> None:
+    """A finished run's learning curve, the agent's figures, the GIF of its final policy and the
+    `finish` event."""
     from forethought.experiment.plot import learning_curves, metric_figure
 
     plot = learning_curves([run.path], run.path / "learning_curve.png", x="env_steps")
     outputs = [plot.name]
     for figure in getattr(module, "FIGURES", ()):  # the agent's own pictures of its metrics
         outputs.append(metric_figure(run.path, figure).name)
-    if getattr(result, "policy", None) is not None:
+    if gif and getattr(result, "policy", None) is not None:
         try:
             outputs.append(_record_final_episode(env_name, layout, result.policy, seed, run.path).name)
         except Exception as error:  # a Gymnasium env that cannot render: the run itself is fine
             run.event("gif_skipped", reason=f"{type(error).__name__}: {error}")
     run.event("finish")
     print(f"done: {run.path} ({', '.join(outputs)})", file=sys.stderr)
-    return 0
 
 
 class Terminated(BaseException):
@@ -448,7 +501,16 @@ def cmd_sweep(options: argparse.Namespace, rest: list[str]) -> int:
     seeds = sweep.parse_seeds(options.seeds)
     settings = sweep.parse_grid(options.grid, config_cls, rest, prog)
     layout = _read_layout(options.env_layout)
-    make_env(options.env, layout=layout).close()  # a bad env fails before any folder is made
+    env = make_env(options.env, layout=layout)  # a bad env fails before any folder is made
+    env.close()
+    if options.vectorize:
+        from forethought.systems.gym import system_of
+
+        if options.agent not in vectorized_agents():
+            raise UsageError(f"--vectorize: agent {options.agent} has no vectorized form (agents with one: "
+                             f"{', '.join(vectorized_agents())})")
+        if system_of(env) is None:
+            raise UsageError(f"--vectorize needs a built-in system (its JAX dynamics); {options.env} is not one")
     out = options.out or default_run_dir(f"sweep-{options.agent}", options.env)
     record = sweep.plan(options.agent, options.env, seeds, settings, grid=options.grid, agent_flags=rest,
                         on_fault=options.on_fault, layout=layout)
@@ -456,6 +518,7 @@ def cmd_sweep(options: argparse.Namespace, rest: list[str]) -> int:
     print(f"sweep: {len(settings)} setting(s) x {len(seeds)} seed(s) of {options.agent} on {options.env} "
           f"-> {out}", file=sys.stderr)
     outcomes = sweep.run_sweep(out, record, address=options.address, tensorboard=options.tensorboard,
+                               vectorize=options.vectorize, gif=not options.no_gif,
                                num_cpus=None if options.address else num_cpus,
                                cpus_per_trial=options.cpus_per_trial, concurrency=options.concurrency,
                                max_failures=options.max_failures)

@@ -8,6 +8,8 @@ import pytest
 from forethought import systems
 from forethought.agents import mpc
 from forethought.agents.base import MemoryRun
+from forethought.experiment.run import read_metrics
+from tests.agents.resume import cut_run_folder, without_timing
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec
 from forethought.models.train import TrainConfig, fit
@@ -187,3 +189,66 @@ def test_the_true_model_controller_balances_the_cartpole_for_the_whole_episode()
     result = mpc.train(mpc.PETSConfig(episodes=1, random_episodes=0, model="true", horizon=15,
                                       population=64, iterations=3), env, jax.random.key(0))
     assert result.returns == [200.0]
+
+
+# ----- several seeds as one vmapped program (sweep --vectorize) -------------------------------------
+
+VECTOR = dict(episodes=3, horizon=8, population=16, iterations=2, particles=2, members=2, hidden=16, layers=1,
+              batch_size=16, max_epochs=4)
+
+
+def _close(rows, other):
+    """Rows equal up to float reassociation: integers exactly, floats to 1e-4 relative."""
+    assert len(rows) == len(other)
+    for a, b in zip(without_timing(rows), without_timing(other)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, nan_ok=True), (k, a, b)
+
+
+@pytest.mark.parametrize("system_name", ["double-integrator", "cartpole-balance"])
+def test_vectorized_seeds_repeat_separate_runs(system_name):
+    """Every seed of `train_vectorized` gives its `train` run's rows (episodes that end early, on
+    cartpole-balance, included)."""
+    env = SystemEnv(systems.make(system_name, horizon=40))
+    config = mpc.PETSConfig(**VECTOR)
+    keys = [jax.random.key(s) for s in (0, 1, 2)]
+    runs = [MemoryRun() for _ in keys]
+    results = mpc.train_vectorized(config, env, keys, runs)
+    for key, run, result in zip(keys, runs, results):
+        alone = MemoryRun()
+        mpc.train(config, env, key, alone)
+        _close(run.rows, alone.rows)
+        assert result.env_steps == run.rows[-1]["env_steps"]
+    if system_name == "cartpole-balance":
+        assert any(row["length"] < 40 for run in runs for row in run.rows)
+
+
+def test_vectorized_seeds_at_different_episodes_are_brought_level_on_resume(tmp_path):
+    """A kill between two seeds' checkpoints leaves them an episode apart; the resumed program
+    runs the late seed alone for that episode and then all together, as an uninterrupted one."""
+    env = SystemEnv(SYSTEM)
+    config = mpc.PETSConfig(**VECTOR)
+    keys = [jax.random.key(s) for s in (0, 1)]
+    whole = [MemoryRun() for _ in keys]
+    mpc.train_vectorized(config, env, keys, whole)
+    paths = [tmp_path / "a", tmp_path / "b"]
+    cut = [cut_run_folder(paths[0], stop=2), cut_run_folder(paths[1], stop=1)]
+    with pytest.raises(KeyboardInterrupt):  # seed 1 stops after episode 0's checkpoint
+        mpc.train_vectorized(config, env, keys, cut)
+    assert [len(read_metrics(p)["episode"]) for p in paths] == [1, 1]
+    cut = [cut_run_folder(paths[0], stop=2), cut_run_folder(paths[1])]
+    with pytest.raises(KeyboardInterrupt):  # killed after seed 0's checkpoint of episode 1, before seed 1's
+        mpc.train_vectorized(config, env, keys, cut)
+    assert [len(read_metrics(p)["episode"]) for p in paths] == [2, 1]
+    mpc.train_vectorized(config, env, keys, [cut_run_folder(p) for p in paths])
+    for path, run in zip(paths, whole):
+        _close([dict(zip(read_metrics(path), values)) for values in zip(*read_metrics(path).values())], run.rows)
+
+
+def test_vectorized_runs_refuse_envs_without_a_built_in_system():
+    import gymnasium
+
+    env = gymnasium.make("Pendulum-v1")
+    with pytest.raises(ForethoughtError, match="need a built-in system's JAX dynamics; env Pendulum-v1"):
+        mpc.train_vectorized(mpc.PETSConfig(**VECTOR), env, [jax.random.key(0)])

@@ -76,6 +76,8 @@ def test_sweep_cli_mistakes_exit_2_with_one_line_and_write_nothing(tmp_path, cap
         (["sweep", "random", "--cpus-per-trial", "0"], "--cpus-per-trial"),
         (["sweep", "random", "--address", "auto", "--num-cpus", "2"], "--num-cpus sizes the local Ray"),
         (["sweep"], "missing AGENT"),
+        (["sweep", "dyna-q", "--env", "dyna-maze", "--vectorize"], "--vectorize: agent dyna-q has no vectorized form"),
+        (["sweep", "pets", "--env", "gym:Pendulum-v1", "--vectorize"], "--vectorize needs a built-in system"),
     ]:
         if importlib.util.find_spec("ray") is None and args != ["sweep"] and "--cpus-per-trial" not in args:
             message = "pip install 'forethought[ray]'"
@@ -190,6 +192,35 @@ def test_a_trial_whose_ray_worker_is_killed_resumes_and_the_sweep_completes_with
     reference = tmp_path / "reference"
     assert main(["run", "dyna-q", *flags, "--seed", "0", "--out", str(reference)]) == 0
     assert comparable(victim) == comparable(reference)
+
+
+def test_a_vectorized_sweep_runs_each_settings_seeds_as_one_program(tmp_path):
+    """--vectorize: one trial (one worker) per setting; its seeds' run folders are complete and each
+    equals a separate run of that seed up to float reassociation."""
+    pytest.importorskip("ray.tune")
+    out = tmp_path / "sweep"
+    flags = ["--episodes", "2", "--horizon", "5", "--population", "16", "--iterations", "2", "--particles", "2",
+             "--members", "2", "--hidden", "16", "--layers", "1", "--batch-size", "32", "--max-epochs", "3"]
+    result = subprocess.run([*CLI, "sweep", "pets", "--env", "double-integrator", "--seeds", "0-2", "--vectorize",
+                             "--no-gif", "--num-cpus", "1", "--out", str(out), *flags],
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr
+    assert "trial default/seeds-0-1-2: done" in result.stderr
+    pids = set()
+    for seed in (0, 1, 2):
+        run = out / "default" / f"seed-{seed}"
+        assert sweep.finished(run) and "final_episode.gif" not in {p.name for p in run.iterdir()}
+        pids |= {e["pid"] for e in events(run) if e["event"] == "trial"}
+        assert json.loads((run / "config.json").read_text())["seed"] == seed
+    assert len(pids) == 1
+    alone = tmp_path / "alone"
+    assert main(["run", "pets", "--env", "double-integrator", "--seed", "2", "--no-gif", "--out", str(alone),
+                 *flags]) == 0
+    vectorized, separate = comparable(out / "default" / "seed-2"), comparable(alone)
+    assert vectorized.keys() == separate.keys()
+    for column in vectorized:
+        np.testing.assert_allclose(vectorized[column], separate[column], rtol=1e-4)
+    assert (out / "summary.csv").is_file()
 
 
 # ----- TensorBoard event files --------------------------------------------------------------------

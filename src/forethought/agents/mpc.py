@@ -42,8 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
-                                     run_episode, save_buffer)
+from forethought.agents.base import (Episode, EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed,
+                                     restore_buffer, run_episode, save_buffer)
 from forethought.control.mpc import shift_plan
 from forethought.control.shooting import cem_search, mppi_search, rollout_costs, shooting_search
 from forethought import faults
@@ -51,7 +51,8 @@ from forethought.errors import ForethoughtError
 from forethought.faults import keep_finite
 from forethought.models.ensemble import Ensemble, EnsembleSpec, particle_cost
 from forethought.models.reward import LearnedTask
-from forethought.models.train import TrainConfig, evaluate, fit
+from forethought.models.train import FitReport, TrainConfig, evaluate, fit, fit_many
+from forethought.models.train import stack as train_stack
 from forethought.rl.buffer import ReplayBuffer
 from forethought.systems.gym import system_of
 
@@ -172,6 +173,7 @@ class Planner:
             self._search = lambda ev, U, key: shooting_search(
                 ev, U, key, self.lower, self.upper, population=c.population)
         self.act = eqx.filter_jit(self._act)
+        self.episodes = eqx.filter_jit(self._episodes)
 
     def initial_plan(self) -> jax.Array:
         return jnp.broadcast_to(self.fill, (self.config.horizon, self.fill.shape[0]))
@@ -204,6 +206,37 @@ class Planner:
         return U_new[0], shift_plan(U_new, self.fill), ok
 
 
+    def _episodes(self, model, x0, key, actions):
+        """Whole episodes of the system, one per seed, as `train`'s env would run them for the
+        system's horizon (no early end: the caller cuts each at its first terminal state).
+
+        `x0 [S, n]` start states; `model` stacked per seed (or None for the true dynamics); `key
+        [S]` each seed's episode key, split step by step as `train`'s policy splits it; `actions
+        [S, T, m]` replaces planning (random episodes). Returns states `[S, T+1, n]`, actions `[S,
+        T, m]`, costs `[S, T]` (of the clipped actions), terminal flags `[S, T]` and the planner's
+        ok flags `[S, T]`.
+        """
+        system = self.system
+
+        def one(model, x0, key, actions):
+            def step(carry, t):
+                x, U, key = carry
+                if actions is None:
+                    key, step_key = jax.random.split(key)
+                    u, U, ok = self._act(model, x, U, step_key)
+                else:
+                    u, ok = actions[t], jnp.bool_(True)
+                clipped = jnp.clip(u, self.lower, self.upper)
+                x_next = system.dynamics(x, clipped, t)
+                return (x_next, U, key), (x_next, u, system.cost(x, clipped, t), system.is_terminal(x_next), ok)
+
+            _, (X, U, costs, ends, ok) = jax.lax.scan(step, (x0, self.initial_plan(), key),
+                                                      jnp.arange(system.horizon))
+            return jnp.concatenate([x0[None], X]), U, costs, ends, ok
+
+        return eqx.filter_vmap(one)(model, x0, key, actions)
+
+
 def _check_env(env: gymnasium.Env, config: Config, key: jax.Array, reward_fn, termination_fn):
     """The built-in system behind `env`, or a `LearnedTask` for a Gymnasium env with flat Box spaces."""
     system = system_of(env)
@@ -226,89 +259,214 @@ def _check_env(env: gymnasium.Env, config: Config, key: jax.Array, reward_fn, te
                               jax.random.fold_in(key, 5), reward_fn=reward_fn, termination_fn=termination_fn)
 
 
+@dataclasses.dataclass
+class _Seed:
+    """One seed's loop: its key and run, what its checkpoint holds, its buffer, returns and clock."""
+
+    key: jax.Array
+    run: RunLike
+    model: Ensemble | None
+    task: LearnedTask | None
+    buffer: ReplayBuffer
+    returns: list[float]
+    episode: int = 0
+    env_steps: int = 0
+    clock: EpisodeClock = dataclasses.field(default_factory=EpisodeClock)
+
+    @classmethod
+    def restore(cls, key: jax.Array, run: RunLike, model: Ensemble | None, task: LearnedTask | None,
+                buffer: ReplayBuffer) -> "_Seed":
+        """The loop as `run`'s checkpoint left it, or a fresh one from `model`, `task`, `buffer`."""
+        state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0)}
+        restored = run.load_checkpoint({"state": state, "model": model, "task": task})
+        if restored is None:
+            return cls(key, run, model, task, buffer, [])
+        saved, meta = restored
+        state = saved["state"]
+        return cls(key, run, saved["model"], saved["task"], restore_buffer(run, meta, buffer),
+                   list(meta.get("returns", [])), int(state["episode"]), int(state["env_steps"]),
+                   EpisodeClock(float(state["elapsed"])))
+
+    def add(self, result: Episode) -> dict:
+        """Put the episode in the buffer; its metrics row so far."""
+        self.buffer.add_episode(result.observations, result.actions, result.rewards, result.terminated)
+        self.env_steps += result.length
+        self.returns.append(result.total_reward)
+        return {"episode": self.episode, "env_steps": self.env_steps, "return": result.total_reward,
+                "length": result.length}
+
+    def finish(self, row: dict, report: FitReport | None) -> None:
+        """Log the episode's row and write the buffer and the checkpoint that covers it."""
+        if report is not None:
+            row.update(model_epochs=report.epochs, model_holdout_loss=report.holdout_loss[-1])
+        else:
+            row.update(model_epochs=0, model_holdout_loss=float("nan"))
+        row["wall_seconds"] = round(self.clock.elapsed, 3)
+        self.run.log(**row)
+        self.episode += 1
+        state = {"episode": np.int64(self.episode), "env_steps": np.int64(self.env_steps),
+                 "elapsed": np.float64(self.clock.elapsed)}
+        save_buffer(self.run, self.buffer)
+        self.run.save_checkpoint({"state": state, "model": self.model, "task": self.task}, episode=self.episode,
+                                 returns=self.returns, buffer_transitions=len(self.buffer))
+
+    def refits(self, config: Config) -> bool:
+        """Whether the model is refit after the current episode (from the last random one on,
+        and not after the final episode)."""
+        return self.model is not None and config.random_episodes <= self.episode + 1 < config.episodes
+
+
+def _setup(config: Config, system) -> tuple[EnsembleSpec | None, TrainConfig, Planner]:
+    spec = None
+    if config.model != "true":
+        probabilistic = config.model == "probabilistic"
+        spec = EnsembleSpec(system.state_dim, system.action_dim,
+                            members=config.members if probabilistic else config.deterministic_members,
+                            hidden=config.hidden, layers=config.layers, angles=tuple(system.angles),
+                            probabilistic=probabilistic)
+    train_config = TrainConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
+                               batch_size=config.batch_size, max_epochs=config.max_epochs,
+                               patience=config.patience)
+    return spec, train_config, Planner(config, system, spec)
+
+
+def _start(spec: EnsembleSpec | None, key: jax.Array, run: RunLike, task: LearnedTask | None, system) -> _Seed:
+    model = Ensemble.create(spec, jax.random.fold_in(key, 7)) if spec else None
+    return _Seed.restore(key, run, model, task, ReplayBuffer(system.state_dim, system.action_dim))
+
+
+def _mpc_policy(planner: Planner, model, task, key: jax.Array, where: str):
+    """`policy(obs, t) -> action`: MPC through `model` (with the learned `task`, if any), its keys
+    split from `key` step by step; a plan that came out NaN or inf is a reported fault."""
+    if task is not None:
+        model = (model, task)
+    box = {"U": planner.initial_plan(), "key": key}
+
+    def policy(obs, t):
+        box["key"], step_key = jax.random.split(box["key"])
+        u, box["U"], ok = planner.act(model, jnp.asarray(obs, jnp.float32), box["U"], step_key)
+        if not ok:
+            faults.report("MPC planner", f"{where} step {t}", "every candidate plan's cost was "
+                          "NaN or inf; the last good plan is followed")
+        return np.asarray(u)
+
+    return policy
+
+
 def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None, *,
           reward_fn: Callable | None = None, termination_fn: Callable | None = None) -> Result:
     """Run the loop of the module docstring; `reward_fn(x, u) -> r` and `termination_fn(x') ->
     bool` (JAX-traceable) stand in for the learned ones on a Gymnasium env."""
     run = run or MemoryRun()
     system = _check_env(env, config, key, reward_fn, termination_fn)
-    task = system if isinstance(system, LearnedTask) else None
-    n, m = system.state_dim, system.action_dim
-    spec = None
-    if config.model != "true":
-        probabilistic = config.model == "probabilistic"
-        spec = EnsembleSpec(n, m, members=config.members if probabilistic else config.deterministic_members,
-                            hidden=config.hidden, layers=config.layers, angles=tuple(system.angles),
-                            probabilistic=probabilistic)
-    train_config = TrainConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
-                               batch_size=config.batch_size, max_epochs=config.max_epochs,
-                               patience=config.patience)
-    planner = Planner(config, system, spec)
-    model = Ensemble.create(spec, jax.random.fold_in(key, 7)) if spec else None
-    buffer = ReplayBuffer(n, m)
+    spec, train_config, planner = _setup(config, system)
+    seed = _start(spec, key, run, system if isinstance(system, LearnedTask) else None, system)
 
-    state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0)}
-    like = {"state": state, "model": model, "task": task}
-    returns: list[float] = []
-    restored = run.load_checkpoint(like)
-    if restored is not None:
-        (saved, meta) = restored
-        state, model, task = saved["state"], saved["model"], saved["task"]
-        returns = list(meta.get("returns", []))
-        buffer = restore_buffer(run, meta, buffer)
-    start, env_steps = int(state["episode"]), int(state["env_steps"])
-    clock = EpisodeClock(float(state["elapsed"]))
-
-    def mpc_policy(model, key, where):
-        if task is not None:
-            model = (model, task)
-        box = {"U": planner.initial_plan(), "key": key}
-
-        def policy(obs, t):
-            box["key"], step_key = jax.random.split(box["key"])
-            u, box["U"], ok = planner.act(model, jnp.asarray(obs, jnp.float32), box["U"], step_key)
-            if not ok:
-                faults.report("MPC planner", f"{where} step {t}", "every candidate plan's cost was "
-                              "NaN or inf; the last good plan is followed")
-            return np.asarray(u)
-
-        return policy
-
-    run.progress(config.episodes, start=start)
+    run.progress(config.episodes, start=seed.episode)
     try:
-        for episode in range(start, config.episodes):
+        while seed.episode < config.episodes:
+            episode = seed.episode
             ep_key = episode_key(key, episode)
             if episode < config.random_episodes:
                 env.action_space.seed(episode_seed(jax.random.fold_in(key, 1), episode))
                 policy = lambda obs, t: env.action_space.sample()  # noqa: E731
             else:
-                policy = mpc_policy(model, ep_key, f"episode {episode}")
-            result = run_episode(env, policy, episode_seed(key, episode))
-            buffer.add_episode(result.observations, result.actions, result.rewards, result.terminated)
-            env_steps += result.length
-            returns.append(result.total_reward)
-            row = {"episode": episode, "env_steps": env_steps, "return": result.total_reward,
-                   "length": result.length}
-            if model is not None and episode + 1 >= config.random_episodes and episode + 1 < config.episodes:
-                data = buffer.all()
-                model, report = fit(model, data.obs, data.action, data.next_obs,
-                                    jax.random.fold_in(ep_key, 3), train_config)
-                row.update(model_epochs=report.epochs, model_holdout_loss=report.holdout_loss[-1])
-                if task is not None:
-                    task = task.fit(data.obs, data.action, data.reward, data.next_obs, data.terminated,
-                                    jax.random.fold_in(ep_key, 4))
-            else:
-                row.update(model_epochs=0, model_holdout_loss=float("nan"))
-            row["wall_seconds"] = round(clock.elapsed, 3)
-            run.log(**row)
-            state = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
-                     "elapsed": np.float64(clock.elapsed)}
-            save_buffer(run, buffer)
-            run.save_checkpoint({"state": state, "model": model, "task": task}, episode=episode + 1, returns=returns,
-                                buffer_transitions=len(buffer))
+                policy = _mpc_policy(planner, seed.model, seed.task, ep_key, f"episode {episode}")
+            row = seed.add(run_episode(env, policy, episode_seed(key, episode)))
+            report = None
+            if seed.refits(config):
+                data = seed.buffer.all()
+                seed.model, report = fit(seed.model, data.obs, data.action, data.next_obs,
+                                         jax.random.fold_in(ep_key, 3), train_config)
+                if seed.task is not None:
+                    seed.task = seed.task.fit(data.obs, data.action, data.reward, data.next_obs, data.terminated,
+                                              jax.random.fold_in(ep_key, 4))
+            seed.finish(row, report)
     finally:
         run.close_progress()
-    return Result(returns, env_steps, model, mpc_policy(model, jax.random.fold_in(key, 99), "the final policy's episode"))
+    return Result(seed.returns, seed.env_steps, seed.model,
+                  _mpc_policy(planner, seed.model, seed.task, jax.random.fold_in(key, 99), "the final policy's episode"))
+
+
+def train_vectorized(config: Config, env: gymnasium.Env, keys: list[jax.Array],
+                     runs: list[RunLike] | None = None) -> list[Result]:
+    """`train` for several seeds (`keys`, one run each) as one vmapped program: every episode of
+    all seeds is one jitted call (the planner and the system stepped inside a `lax.scan` over the
+    episode's steps, `vmap`ped over seeds) and every refit one vmapped fit (`fit_many`).
+
+    Built-in systems only (the episode runs on the system's own JAX dynamics, with `env` used for
+    its initial states and random actions, drawn from the same seeds as `train`). Each seed's run
+    gets the rows and checkpoints `train` writes, so a seed's numbers match its `train` run up to
+    floating-point reassociation in the batched matrix products. Resuming seeds whose checkpoints
+    are at different episodes (a kill between two seeds' writes) first brings the late ones level.
+    A planner fault is reported after the episode in which it happened.
+    """
+    system = system_of(env)
+    if system is None:
+        name = env.spec.id if env.spec else type(env.unwrapped).__name__
+        raise ForethoughtError(f"vectorized runs need a built-in system's JAX dynamics; env {name} has none "
+                               "(run its seeds as separate trials instead)")
+    if len(keys) == 0:
+        raise ForethoughtError("train_vectorized: expected at least one key")
+    runs = list(runs) if runs is not None else [MemoryRun() for _ in keys]
+    if len(runs) != len(keys):
+        raise ForethoughtError(f"train_vectorized: expected a run per key, got {len(runs)} runs for {len(keys)} keys")
+    spec, train_config, planner = _setup(config, system)
+    seeds = [_start(spec, key, run, None, system) for key, run in zip(keys, runs)]
+
+    runs[0].progress(config.episodes, start=min(s.episode for s in seeds))
+    try:
+        while (episode := min(s.episode for s in seeds)) < config.episodes:
+            group = [s for s in seeds if s.episode == episode]
+            x0 = jnp.stack([jnp.asarray(env.reset(seed=episode_seed(s.key, episode))[0]) for s in group])
+            ep_keys = jnp.stack([episode_key(s.key, episode) for s in group])
+            actions = None
+            if episode < config.random_episodes:
+                actions = jnp.stack([_random_actions(env, episode_seed(jax.random.fold_in(s.key, 1), episode),
+                                                     system.horizon) for s in group])
+            models = train_stack([s.model for s in group]) if spec else None
+            X, U, costs, ends, ok = (np.asarray(a) for a in planner.episodes(models, x0, ep_keys, actions))
+            rows = [s.add(_episode_from(X[i], U[i], costs[i], ends[i], ok[i], system, f"episode {episode}"))
+                    for i, s in enumerate(group)]
+            reports = [None] * len(group)
+            refit = [i for i, s in enumerate(group) if s.refits(config)]
+            if refit:
+                data = [group[i].buffer.all() for i in refit]
+                fitted, fit_reports = fit_many([group[i].model for i in refit],
+                                               [(d.obs, d.action, d.next_obs) for d in data],
+                                               [jax.random.fold_in(ep_keys[i], 3) for i in refit], train_config)
+                for i, model, report in zip(refit, fitted, fit_reports):
+                    group[i].model, reports[i] = model, report
+            for s, row, report in zip(group, rows, reports):
+                s.finish(row, report)
+    finally:
+        runs[0].close_progress()
+    return [Result(s.returns, s.env_steps, s.model,
+                   _mpc_policy(planner, s.model, None, jax.random.fold_in(s.key, 99), "the final policy's episode"))
+            for s in seeds]
+
+
+def _random_actions(env: gymnasium.Env, seed: int, steps: int) -> np.ndarray:
+    """The `steps` actions a random episode of `train` draws after `action_space.seed(seed)`."""
+    env.action_space.seed(seed)
+    return np.stack([env.action_space.sample() for _ in range(steps)])
+
+
+def _episode_from(X, U, costs, ends, ok, system, where: str) -> Episode:
+    """One seed's episode from a batched rollout over the full horizon, cut after its first
+    terminal state as the env would end it; a non-finite state or plan is handled as `train`
+    handles it (an error and a reported fault)."""
+    T = len(costs)
+    hits = np.flatnonzero(ends)
+    length = int(hits[0]) + 1 if hits.size else T
+    if not np.all(np.isfinite(X[: length + 1])):
+        step = int(np.argmin(np.all(np.isfinite(X[: length + 1]), axis=1))) - 1
+        raise ForethoughtError(f"{system.name}: the state became non-finite at step {step} ({where})")
+    bad = np.flatnonzero(~ok[:length])
+    if bad.size:
+        faults.report("MPC planner", f"{where} step {int(bad[0])}", "every candidate plan's cost was NaN or inf; "
+                      "the last good plan is followed")
+    return Episode(X[: length + 1], U[:length], -costs[:length].astype(np.float64), bool(hits.size), not hits.size)
 
 
 def model_report(model: Ensemble, buffer: ReplayBuffer) -> dict[str, float]:

@@ -220,12 +220,14 @@ def require_ray() -> None:
 
 def run_sweep(sweep_dir: Path, record: dict[str, Any], *, address: str | None = None,
               num_cpus: int | None = None, cpus_per_trial: int = 1, concurrency: int | None = None,
-              max_failures: int = 3, tensorboard: bool = False) -> dict[str, dict[str, Any]]:
+              max_failures: int = 3, tensorboard: bool = False, vectorize: bool = False,
+              gif: bool = True) -> dict[str, dict[str, Any]]:
     """Run every (setting, seed) trial of `record` with Ray Tune into `sweep_dir`.
 
     Writes `sweep.json` first; a `sweep_dir` that holds another sweep is refused, the same sweep is
     continued (finished trials are skipped, started ones resume). With `tensorboard` each run also
-    writes its metrics to a TensorBoard event file as they come. Returns {trial folder relative to
+    writes its metrics to a TensorBoard event file as they come. With `vectorize` a trial is a
+    setting, all its seeds one vmapped program (`cli.run_trials`); `gif=False` skips the GIFs. Returns {trial folder relative to
     `sweep_dir`: outcome}, the outcome holding `exit_code` (0 done, 3 numerical fault) or `error`.
     """
     require_ray()
@@ -239,10 +241,12 @@ def run_sweep(sweep_dir: Path, record: dict[str, Any], *, address: str | None = 
 
     sweep_dir = Path(sweep_dir).resolve()
     claim(sweep_dir, record, write=False)
-    trials = [{"agent": record["agent"], "env": record["env"], "seed": seed, "setting": s["name"],
+    groups = [list(record["seeds"])] if vectorize else [[seed] for seed in record["seeds"]]
+    trials = [{"agent": record["agent"], "env": record["env"], "seeds": seeds, "setting": s["name"],
                "config": s["config"], "on_fault": record["on_fault"], "layout": record.get("env_layout_text"),
-               "out": str(sweep_dir / s["name"] / f"seed-{seed}"), "tensorboard": tensorboard}
-              for s in record["settings"] for seed in record["seeds"]]
+               "outs": [str(sweep_dir / s["name"] / f"seed-{seed}") for seed in seeds],
+               "tensorboard": tensorboard, "vectorize": vectorize, "gif": gif}
+              for s in record["settings"] for seeds in groups]
     runtime_env = {"env_vars": jax_thread_env(cpus_per_trial)}
     started_here = not ray.is_initialized()
     if started_here:
@@ -275,7 +279,7 @@ def run_sweep(sweep_dir: Path, record: dict[str, Any], *, address: str | None = 
     outcomes: dict[str, dict[str, Any]] = {}
     for result in results:
         trial = result.config["trial"]
-        name = f"{trial['setting']}/seed-{trial['seed']}"
+        name = f"{trial['setting']}/{_seeds_name(trial['seeds'])}"
         if result.error is not None:
             outcomes[name] = {"error": _one_line(result.error)}
         else:
@@ -304,7 +308,7 @@ def claim(sweep_dir: Path, record: dict[str, Any], *, write: bool = True) -> Non
 
 
 def _trainable(params: dict[str, Any]) -> None:
-    """One trial in a Ray worker: run (or resume) its run folder, then report how it ended.
+    """One trial in a Ray worker: run (or resume) its run folders, then report how it ended.
 
     A trial interrupted by SIGTERM or SIGINT raises, so that Tune retries it (it resumes); a user
     mistake or a numerical fault is reported, not raised, since a retry would repeat it.
@@ -315,11 +319,11 @@ def _trainable(params: dict[str, Any]) -> None:
     from forethought.experiment.config import config_from_dict
 
     trial = params["trial"]
-    out = Path(trial["out"])
-    if finished(out):
+    outs = [Path(out) for out in trial["outs"]]
+    if all(finished(out) for out in outs):
         tune.report({"exit_code": 0, "resumed": False, "skipped": True})
         return
-    resume = (out / "config.json").is_file()
+    resume = any((out / "config.json").is_file() for out in outs)
 
     def record_worker(run) -> None:
         run.event("trial", pid=os.getpid(), host=socket.gethostname(), resumed=resume,
@@ -327,20 +331,25 @@ def _trainable(params: dict[str, Any]) -> None:
 
     try:
         config = config_from_dict(agents.config_class(trial["agent"]), trial["config"], f"{SWEEP} config")
-        code = cli.run_trial(trial["agent"], trial["env"], trial["seed"], config, out, resume=resume,
-                             on_fault=trial["on_fault"], layout=trial["layout"], on_open=record_worker,
-                             tensorboard=trial["tensorboard"])
+        code = cli.run_trials(trial["agent"], trial["env"], trial["seeds"], config, outs, resume=None,
+                              vectorize=trial["vectorize"], on_fault=trial["on_fault"], layout=trial["layout"],
+                              on_open=record_worker, tensorboard=trial["tensorboard"], gif=trial["gif"])
     except ForethoughtError as error:
         tune.report({"exit_code": 2, "error": str(error), "resumed": resume})
         return
     if code in (130, 143):
-        raise RuntimeError(f"trial {out} was interrupted (exit {code}); Tune retries it from its checkpoint")
+        raise RuntimeError(f"trial {outs[0].parent} was interrupted (exit {code}); Tune retries it from its "
+                           "checkpoints")
     tune.report({"exit_code": code, "resumed": resume})
+
+
+def _seeds_name(seeds: Sequence[int]) -> str:
+    return f"seed-{seeds[0]}" if len(seeds) == 1 else f"seeds-{'-'.join(map(str, seeds))}"
 
 
 def _trial_dirname(trial) -> str:
     spec = trial.config["trial"]
-    return f"{spec['setting']}-seed-{spec['seed']}"
+    return f"{spec['setting']}-{_seeds_name(spec['seeds'])}"[:100]
 
 
 def _one_line(error: BaseException) -> str:
@@ -356,7 +365,7 @@ def _report_class():
 
         def _name(self, trial) -> str:
             spec = trial.config["trial"]
-            return f"{spec['setting']}/seed-{spec['seed']}"
+            return f"{spec['setting']}/{_seeds_name(spec['seeds'])}"
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             metrics = trial.last_result or {}

@@ -240,9 +240,7 @@ def fit(model: Ensemble, obs, action, next_obs, key: jax.Array,
                           f"{np.where(~np.isfinite(losses))[0].tolist()}); try a smaller learning_rate")
             break
         improved = losses < best - 0.01 * np.abs(best)
-        better = jnp.asarray(losses < best)  # keep each member's best epoch
-        best_params = jax.tree.map(lambda new, old: jnp.where(better.reshape(-1, *[1] * (new.ndim - 1)), new, old),
-                                   params, best_params)
+        best_params = _keep_best(params, best_params, jnp.asarray(losses < best))  # each member's best epoch
         best = np.minimum(best, losses)
         train_curve.append(float(train_loss))
         hold_curve.append(float(np.mean(losses)))
@@ -309,3 +307,107 @@ def _open_loop_rmse(model, obs, action, horizon):
         return jnp.mean((predicted - real) ** 2, axis=-1)
 
     return jnp.sqrt(jnp.mean(jax.vmap(from_start)(starts), axis=0))
+
+
+# ----- several independent fits as one program (the seeds of a vectorized run) --------------------
+
+def stack(trees):
+    """Stack pytrees of the same structure along a new leading axis (their non-array leaves, such
+    as activation functions, must be equal and are kept once)."""
+    arrays = [eqx.filter(tree, eqx.is_array) for tree in trees]
+    static = eqx.filter(trees[0], eqx.is_array, inverse=True)
+    return eqx.combine(jax.tree.map(lambda *leaves: jnp.stack(leaves), *arrays), static)
+
+
+def unstack(tree, count: int) -> list:
+    """The `count` pytrees that `stack` made `tree` from."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    return [eqx.combine(jax.tree.map(lambda leaf: leaf[i], arrays), static) for i in range(count)]
+
+
+_A = eqx.if_array(0)
+_epochs = eqx.filter_jit(eqx.filter_vmap(_epoch, in_axes=(_A, _A, _A, _A, _A, _A, _A, None, None, None, None)))
+_holdouts = eqx.filter_jit(eqx.filter_vmap(_holdout))
+
+
+def _repad(a: jax.Array, size: int) -> jax.Array:
+    return jnp.concatenate([a, jnp.zeros((size - a.shape[0], *a.shape[1:]), a.dtype)]) if a.shape[0] < size else a
+
+
+def fit_many(models: list[Ensemble], datasets: list[tuple], keys: list[jax.Array],
+             config: TrainConfig = TrainConfig()) -> tuple[list[Ensemble], list[FitReport]]:
+    """`fit` for several independent (model, data, key) triples at once: one vmapped epoch and one
+    vmapped held-out evaluation per step of the loop, each fit stopping early on its own (a stopped
+    fit's later epochs are computed and ignored). `datasets[i]` is `(obs, action, next_obs)`.
+
+    Each fit draws its random numbers as `fit` does from the same key; with data of equal sizes
+    the result is `fit`'s up to floating-point reassociation. Data of different sizes are padded
+    to the largest bucket.
+    """
+    S = len(models)
+    if not (S == len(datasets) == len(keys)) or S == 0:
+        raise ForethoughtError(f"fit_many: expected as many models, datasets and keys (at least one), "
+                               f"got {len(models)}, {len(datasets)}, {len(keys)}")
+    split = [jax.random.split(k) for k in keys]
+    prepared = [prepare(m.spec, *d, s[1], config.holdout) for m, d, s in zip(models, datasets, split)]
+    C = max(p.z_train.shape[0] for p in prepared)
+    H = max(p.z_hold.shape[0] for p in prepared)
+    models = [eqx.tree_at(lambda m: (m.input_norm, m.target_norm), m, (p.input_norm, p.target_norm))
+              for m, p in zip(models, prepared)]
+    model = stack(models)
+    z_train = jnp.stack([_repad(p.z_train, C) for p in prepared])
+    y_train = jnp.stack([_repad(p.y_train, C) for p in prepared])
+    z_hold = jnp.stack([_repad(p.z_hold, H) for p in prepared])
+    y_hold = jnp.stack([_repad(p.y_hold, H) for p in prepared])
+    hold_mask = jnp.stack([_repad(p.hold_mask, H) for p in prepared])
+    n_train = jnp.asarray([p.n_train for p in prepared], jnp.int32)
+    key = jnp.stack([s[0] for s in split])
+
+    optimizer = _optimizer(config.learning_rate, config.weight_decay)
+    params, static = eqx.partition(model.net, eqx.is_array)
+    opt_state = jax.vmap(optimizer.init)(params)
+    best = np.asarray(_holdouts(model, model.net, z_hold, y_hold, hold_mask))  # [S, E]
+    best_params = params
+    curves = [([], []) for _ in range(S)]
+    stale, epochs = np.zeros(S, int), np.zeros(S, int)
+    active = np.ones(S, bool)
+    for epoch in range(config.max_epochs):
+        pairs = jax.vmap(jax.random.split)(key)
+        key, epoch_key = pairs[:, 0], pairs[:, 1]
+        params, opt_state, train_loss = _epochs(model, params, opt_state, z_train, y_train, n_train, epoch_key,
+                                                optimizer, config.batch_size, config.logvar_bound_weight,
+                                                config.bootstrap)
+        losses = np.asarray(_holdouts(model, eqx.combine(params, static), z_hold, y_hold, hold_mask))
+        train_loss = np.asarray(train_loss)
+        for i in np.flatnonzero(active & ~np.all(np.isfinite(losses), axis=1)):
+            faults.report("ensemble fit", f"fit {i} epoch {epoch}", "the held-out loss became NaN or inf; try a "
+                          "smaller learning_rate")
+            active[i] = False  # (under "skip") this fit ends with its members' last good epoch
+        better = (losses < best) & active[:, None]  # each member's best epoch, of the fits still going
+        improved = np.any(losses < best - 0.01 * np.abs(best), axis=1)
+        best_params = _keep_best(params, best_params, jnp.asarray(better))
+        best = np.where(better, losses, best)
+        for i in np.flatnonzero(active):
+            curves[i][0].append(float(train_loss[i]))
+            curves[i][1].append(float(np.mean(losses[i])))
+            epochs[i] = epoch + 1
+            stale[i] = 0 if improved[i] else stale[i] + 1
+        active &= stale < config.patience
+        if not active.any():
+            break
+    model = eqx.tree_at(lambda m: m.net, model, eqx.combine(best_params, static))
+    fitted, reports = [], []
+    for i, member in enumerate(unstack(model, S)):
+        elites = np.argsort(best[i])[: member.spec.elites or member.spec.members]
+        fitted.append(eqx.tree_at(lambda m: m.elite_index, member, jnp.asarray(np.sort(elites), jnp.int32)))
+        train_curve, hold_curve = curves[i] if curves[i][1] else ([float("nan")], [float(np.mean(best[i]))])
+        reports.append(FitReport(int(epochs[i]), train_curve, hold_curve, best[i].tolist()))
+    return fitted, reports
+
+
+def _keep_best(params, best_params, better: jax.Array):
+    """`params` where `better` (each member's mask, `[..., E]`) holds, else `best_params`; the
+    parameter leaves have the member axis after `better`'s leading axes."""
+    lead = better.ndim
+    return jax.tree.map(lambda new, old: jnp.where(better.reshape(*better.shape, *[1] * (new.ndim - lead)), new, old),
+                        params, best_params)
