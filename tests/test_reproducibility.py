@@ -43,6 +43,10 @@ SMALL = {
                                    validation_starts=4, hidden=16, **MODEL)),
     "lqr-flm": (point_mass, dict(episodes=2, rollouts=3, prior_rollouts=6, reference=False)),
     "gps": (point_mass, dict(episodes=2, rollouts=3, spread=(0.5, 0.5), hidden=8, policy_steps=20)),
+    "latent-mpc": (lambda: make_env("pendulum", horizon=8), dict(episodes=2, pixels=True, image_size=32, latent=4,
+                                                                  hidden=16, depth=4, chunk=4, batch_size=4,
+                                                                  train_steps=3, horizon=4, population=8,
+                                                                  iterations=1, video_steps=4, random_episodes=1)),
 }
 
 

@@ -29,6 +29,7 @@ AGENTS: dict[str, tuple[str, str]] = {
     "lqr-flm": ("forethought.agents.lqr_flm", "Config"),
     "gps": ("forethought.agents.gps", "Config"),
     "distill": ("forethought.agents.distill", "Config"),
+    "latent-mpc": ("forethought.agents.latent_mpc", "Config"),
 }
 
 
