@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 
-def cache_dir() -> Path:
-    """The persistent compilation cache: `$FORETHOUGHT_CACHE`, else `~/.cache/forethought/jax`."""
+def cache_dir() -> Path | None:
+    """The persistent compilation cache: `$FORETHOUGHT_CACHE`, else `~/.cache/forethought/jax`;
+    None when `FORETHOUGHT_CACHE=off`."""
+    if os.environ.get("FORETHOUGHT_CACHE") == "off":
+        return None
     root = os.environ.get("FORETHOUGHT_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "forethought")
     return Path(root) / "jax"
@@ -18,6 +21,8 @@ def enable_compilation_cache() -> None:
     import jax
 
     path = cache_dir()
+    if path is None:
+        return
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError:
