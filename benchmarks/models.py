@@ -34,6 +34,13 @@ show the load. FLOP/s count the matrix products of forward and backward, about 3
 computes on 48 padding rows per member, not counted), against a 2048 x 2048 float32 matrix
 product on the same core in the same process: JAX's is the ceiling, torch's is beside it.
 
+Ours runs twice in each of its processes, epochs alternating: with float32 matrix products
+(`results.ours`) and with `TrainConfig(matmul_dtype="bfloat16")` (`results.ours_bf16`), mixed
+precision: float32 master weights, optimizer state, accumulation and elementwise work, bfloat16
+factors in the forward and both backward products of every layer (`ensemble.bf16_matmul`). Both
+start from the same parameters and key; their first and last epochs' losses are reported side by
+side, and each has its speed-up over mbrl-lib (`ratios` for float32, `ratios.bf16`).
+
 mbrl-lib is never a dependency: give the python of a separate installation with
 `--mbrl-python PATH` (default: $MBRL_PYTHON; ../shared/peers/mbrl-lib.md says how to install it,
 PyPI `mbrl==0.2.0` with torch 2.13 CPU and hydra-core 1.3.2); without one, only our side runs
@@ -55,6 +62,8 @@ from _common import (UsageError, WorkerFailed, machine_info, median, ours_env, p
                      run_alternating)
 
 XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+VARIANTS = ("float32", "bfloat16")
+"""`TrainConfig.matmul_dtype` values each of our processes times, epoch about."""
 PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "mbrl_models.py"
 INSTALL_NOTE = ("mbrl-lib 0.2.0 in its own venv, never a forethought dependency: python3.11 -m venv VENV; "
                 "VENV/bin/pip install torch==2.13.0 (CPU); VENV/bin/pip install mbrl==0.2.0; "
@@ -192,15 +201,22 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
                 "per_process_epoch_cpu_seconds": per_process_cpu,
                 "gflops_wall": flops["flops"] / wall / 1e9, "gflops_cpu": flops["flops"] / cpu / 1e9}
 
-    results = {"ours": side([r["median_epoch_seconds"] for r in ours_runs],
-                            [r["median_epoch_cpu_seconds"] for r in ours_runs])}
-    results["ours"].update({
-        "first_call_seconds": [r["first_call_seconds"] for r in ours_runs],
-        "loss_first_epoch": [r["loss_first_epoch"] for r in ours_runs],
-        "loss_last_epoch": [r["loss_last_epoch"] for r in ours_runs],
-        "epoch_seconds": [r["epoch_seconds"] for r in ours_runs],
-        "epoch_cpu_seconds": [r["epoch_cpu_seconds"] for r in ours_runs],
-    })
+    results = {}
+    for name, dtype in (("ours", "float32"), ("ours_bf16", "bfloat16")):
+        runs_ = [r["variants"][dtype] for r in ours_runs]
+        results[name] = side([r["median_epoch_seconds"] for r in runs_], [r["median_epoch_cpu_seconds"] for r in runs_])
+        results[name].update({
+            "matmul_dtype": dtype,
+            "first_call_seconds": [r["first_call_seconds"] for r in runs_],
+            "loss_first_epoch": [r["loss_first_epoch"] for r in runs_],
+            "loss_last_epoch": [r["loss_last_epoch"] for r in runs_],
+            "epoch_seconds": [r["epoch_seconds"] for r in runs_],
+            "epoch_cpu_seconds": [r["epoch_cpu_seconds"] for r in runs_],
+        })
+    results["ours_bf16"]["what"] = BF16_NOTE
+    # the cleanest comparison of the two: per process, where their epochs alternated
+    per_process_bf16_gain = [r["variants"]["float32"]["median_epoch_cpu_seconds"]
+                             / r["variants"]["bfloat16"]["median_epoch_cpu_seconds"] for r in ours_runs]
     ceiling = {
         "what": f"jnp.matmul of two {options.matmul_size}x{options.matmul_size} float32 matrices, "
                 "jitted, same core and XLA flags, in each of our processes; median of "
@@ -209,7 +225,9 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
         "gflops_cpu": median([r["matmul"]["gflops_cpu"] for r in ours_runs]),
         "per_process_gflops_cpu": [r["matmul"]["gflops_cpu"] for r in ours_runs],
         "jax_layer_matmul_gflops_cpu": median([r["layer_matmul"]["gflops_cpu"] for r in ours_runs]),
+        "jax_layer_matmul_bf16_gflops_cpu": median([r["layer_matmul_bf16"]["gflops_cpu"] for r in ours_runs]),
         "layer_matmul_shape": ours_runs[0]["layer_matmul"]["shape"],
+        "layer_matmul_bf16_what": ours_runs[0]["layer_matmul_bf16"]["what"],
     }
     mbrl_info = {"available": False, "skipped": "no --mbrl-python and no MBRL_PYTHON: mbrl-lib was not run",
                  "install": INSTALL_NOTE}
@@ -234,37 +252,36 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
         ceiling["torch_gflops_cpu"] = median([r["matmul"]["gflops_cpu"] for r in mbrl_runs])
         ceiling["torch_gflops_wall"] = median([r["matmul"]["gflops"] for r in mbrl_runs])
         ceiling["torch_layer_matmul_gflops_cpu"] = median([r["layer_matmul"]["gflops_cpu"] for r in mbrl_runs])
-        # ratios of medians, and the spread of the same ratio per round (processes run side by side)
-        per_round_cpu = [m["median_epoch_cpu_seconds"]["trainer"] / o["median_epoch_cpu_seconds"]
-                         for o, m in zip(ours_runs, mbrl_runs)]
-        per_round_wall = [m["median_epoch_seconds"]["trainer"] / o["median_epoch_seconds"]
-                          for o, m in zip(ours_runs, mbrl_runs)]
-        ratios = {
-            "speedup_cpu": trainer["epoch_cpu_seconds_median"] / results["ours"]["epoch_cpu_seconds_median"],
-            "speedup_wall": trainer["epoch_seconds_median"] / results["ours"]["epoch_seconds_median"],
-            "speedup_cpu_per_round": per_round_cpu,
-            "speedup_wall_per_round": per_round_wall,
-            "speedup_cpu_over_update_only": (update["epoch_cpu_seconds_median"]
-                                             / results["ours"]["epoch_cpu_seconds_median"]),
-            "meaning": "mbrl-lib seconds per epoch / ours (above 1: ours is faster); target >= 2",
-            "target": 2.0,
-        }
+        ratios = {name: _ratios(results[name], trainer, update, ours_runs, mbrl_runs, dtype)
+                  for name, dtype in (("ours", "float32"), ("ours_bf16", "bfloat16"))}
+        # the float32 ratios stay at the top level, where earlier records have them
+        ratios = {**ratios["ours"], "bf16": ratios["ours_bf16"],
+                  "meaning": "mbrl-lib seconds per epoch / ours (above 1: ours is faster); target >= 2; "
+                             "'bf16': the same for TrainConfig(matmul_dtype='bfloat16')",
+                  "target": 2.0}
         versions = mbrl_runs[0]["versions"]
         mbrl_info = {"available": True, "python": str(mbrl_python), "versions": versions,
                      "parameters": mbrl_runs[0]["parameters"], "torch_threads": mbrl_runs[0]["torch_threads"],
                      "minibatches_per_epoch": mbrl_runs[0]["minibatches_per_epoch"],
                      "script": "benchmarks/peers/mbrl_models.py (runs inside mbrl-lib's venv)",
                      "install": INSTALL_NOTE}
-    for name in ("ours", "mbrl"):
+    for name in ("ours", "ours_bf16", "mbrl"):
         if name in results:
             results[name]["fraction_of_ceiling_cpu"] = results[name]["gflops_cpu"] / ceiling["gflops_cpu"]
     # the least an epoch can cost with XLA's matrix-product kernels at these shapes
     results["ours"]["matmul_floor_seconds"] = flops["flops"] / (ceiling["jax_layer_matmul_gflops_cpu"] * 1e9)
+    results["ours_bf16"]["matmul_floor_seconds"] = flops["flops"] / (ceiling["jax_layer_matmul_bf16_gflops_cpu"] * 1e9)
+    results["ours_bf16"]["speedup_cpu_over_float32_per_process"] = per_process_bf16_gain
+    results["ours_bf16"]["speedup_cpu_over_float32"] = median(per_process_bf16_gain)
     if ratios:
         ratios["speedup_cpu_bound_at_jax_matmul_rate"] = (results["mbrl"]["epoch_cpu_seconds_median"]
                                                          / results["ours"]["matmul_floor_seconds"])
+        ratios["bf16"]["speedup_cpu_bound_at_jax_matmul_rate"] = (results["mbrl"]["epoch_cpu_seconds_median"]
+                                                                 / results["ours_bf16"]["matmul_floor_seconds"])
 
     checks = {"ours_loss_decreases": all(r["loss_last_epoch"] < r["loss_first_epoch"] for r in ours_runs),
+              "ours_bf16_loss_decreases": all(v["loss_last_epoch"] < v["loss_first_epoch"]
+                                              for v in (r["variants"]["bfloat16"] for r in ours_runs)),
               "ours_pinned_one_core": all(r["machine"]["affinity"] == [core] for r in ours_runs)}
     if mbrl_runs:
         checks["mbrl_loss_decreases"] = all(r["loss_last_epoch"]["trainer"] < r["loss_first_epoch"]["trainer"]
@@ -291,6 +308,8 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
                     f"noise, f a fixed random tanh network, seed {options.seed}; the same .npz for both",
             "processes_per_library": options.processes, "timed_epochs_per_process": options.epochs,
             "warmup_epochs_per_process": options.warmup, "core": core,
+            "ours_variants": "TrainConfig.matmul_dtype 'float32' (results.ours) and 'bfloat16' (results.ours_bf16, "
+                             "mixed precision), timed in the same processes, epochs alternating",
             "ours_parameters": ours_runs[0]["parameters"],
         },
         "flops_per_epoch": flops,
@@ -300,6 +319,28 @@ def _summarise(options, argv, runs, core, mbrl_python, load_before, started) -> 
         "ratios": ratios,
         "notes": NOTES,
         "checks": checks,
+    }
+
+
+BF16_NOTE = ("the same epoch with TrainConfig(matmul_dtype='bfloat16'): mixed precision. Parameters "
+             "(the float32 master weights), Adam's state, every accumulation, the loss and all elementwise "
+             "work stay float32; only the two factors of each matrix product are rounded to bfloat16, "
+             "in the forward pass and in both backward products (input and weight gradients), by "
+             "forethought.models.ensemble.bf16_matmul's hand-written backward pass")
+
+
+def _ratios(ours: dict, trainer: dict, update: dict, ours_runs, mbrl_runs, dtype: str) -> dict:
+    """mbrl-lib's epoch over one of ours: ratios of medians, and the same ratio per round
+    (processes that ran next to each other)."""
+    return {
+        "speedup_cpu": trainer["epoch_cpu_seconds_median"] / ours["epoch_cpu_seconds_median"],
+        "speedup_wall": trainer["epoch_seconds_median"] / ours["epoch_seconds_median"],
+        "speedup_cpu_per_round": [m["median_epoch_cpu_seconds"]["trainer"]
+                                  / o["variants"][dtype]["median_epoch_cpu_seconds"]
+                                  for o, m in zip(ours_runs, mbrl_runs)],
+        "speedup_wall_per_round": [m["median_epoch_seconds"]["trainer"] / o["variants"][dtype]["median_epoch_seconds"]
+                                   for o, m in zip(ours_runs, mbrl_runs)],
+        "speedup_cpu_over_update_only": update["epoch_cpu_seconds_median"] / ours["epoch_cpu_seconds_median"],
     }
 
 
@@ -327,6 +368,14 @@ NOTES = [
     "scales; both must decrease, see checks).",
     "Compile time is not part of an epoch: ours' first call (trace + compile + one epoch) is in "
     "results.ours.first_call_seconds; the compilation cache is off in our workers.",
+    "results.ours_bf16: " + BF16_NOTE + ". Each of our processes times both variants, their epochs "
+    "alternating (float32 first on even epochs, bfloat16 first on odd ones), each training its own copy "
+    "from the same initial parameters with the same key (so the same minibatches): loss_first_epoch and "
+    "loss_last_epoch of results.ours and results.ours_bf16 compare the numerics. Its FLOP/s count the "
+    "same FLOPs; ceiling.jax_layer_matmul_bf16_gflops_cpu is XLA's rate for one hidden layer's product on "
+    "bfloat16 factors, and results.ours_bf16.matmul_floor_seconds the epoch at that rate. "
+    "results.ours_bf16.speedup_cpu_over_float32 is the median over processes of float32's median epoch "
+    "over bfloat16's in the same process.",
 ]
 
 
@@ -369,26 +418,34 @@ def _worker(options) -> int:
     opt_state = optimizer.init(params)
     n_valid = jnp.int32(N)
 
-    def epoch(params, opt_state, key):
+    def epoch(state, matmul_dtype):
         # the body of fit()'s epoch loop, less the held-out evaluation
+        params, opt_state, key = state
         key, epoch_key = jax.random.split(key)
         params, opt_state, loss = _epoch(model, params, opt_state, z, y, n_valid, epoch_key, optimizer,
-                                         config.batch_size, config.logvar_bound_weight, config.bootstrap)
+                                         config.batch_size, config.logvar_bound_weight, config.bootstrap,
+                                         matmul_dtype)
         jax.block_until_ready((params, opt_state, loss))
-        return params, opt_state, key, float(loss)
+        return (params, opt_state, key), float(loss)
 
-    start = time.perf_counter()
-    params, opt_state, key, first_loss = epoch(params, opt_state, key)
-    first_call = time.perf_counter() - start
-    for _ in range(options.warmup - 1):
-        params, opt_state, key, _ = epoch(params, opt_state, key)
-    wall, cpu = [], []
-    loss = first_loss
-    for _ in range(options.epochs):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        params, opt_state, key, loss = epoch(params, opt_state, key)
-        cpu.append(time.process_time() - cpu_start)
-        wall.append(time.perf_counter() - start)
+    # each variant trains its own copy from the same parameters and key (so the same shuffles)
+    state = {dtype: (params, opt_state, key) for dtype in VARIANTS}
+    timing = {dtype: {"epoch_seconds": [], "epoch_cpu_seconds": []} for dtype in VARIANTS}
+    for dtype in VARIANTS:
+        start = time.perf_counter()
+        state[dtype], timing[dtype]["loss_first_epoch"] = epoch(state[dtype], dtype)
+        timing[dtype]["first_call_seconds"] = time.perf_counter() - start
+        for _ in range(options.warmup - 1):
+            state[dtype], _ = epoch(state[dtype], dtype)
+    for i in range(options.epochs):  # alternating epochs, in turn first
+        for dtype in (VARIANTS if i % 2 == 0 else VARIANTS[::-1]):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            state[dtype], timing[dtype]["loss_last_epoch"] = epoch(state[dtype], dtype)
+            timing[dtype]["epoch_cpu_seconds"].append(time.process_time() - cpu_start)
+            timing[dtype]["epoch_seconds"].append(time.perf_counter() - start)
+    for entry in timing.values():
+        entry["median_epoch_seconds"] = statistics.median(entry["epoch_seconds"])
+        entry["median_epoch_cpu_seconds"] = statistics.median(entry["epoch_cpu_seconds"])
 
     # the ceiling: a large float32 matrix product on this core, and one hidden layer's product
     size = options.matmul_size
@@ -405,27 +462,35 @@ def _worker(options) -> int:
     E, B, H = options.members, options.batch_size, options.hidden
     x = jax.random.normal(jax.random.key(3), (E, B, H), jnp.float32)
     w = jax.random.normal(jax.random.key(4), (E, H, H), jnp.float32)
-    layer = jax.jit(lambda x, w: jnp.einsum("ebi,eio->ebo", x, w))
-    layer(x, w).block_until_ready()
-    layer_cpu = []
-    for _ in range(50):
-        cpu_start = time.process_time()
+
+    def layer_rate(x, w, **kwargs) -> float:
+        layer = jax.jit(lambda x, w: jnp.einsum("ebi,eio->ebo", x, w, **kwargs))
         layer(x, w).block_until_ready()
-        layer_cpu.append(time.process_time() - cpu_start)
+        layer_cpu = []
+        for _ in range(50):
+            cpu_start = time.process_time()
+            layer(x, w).block_until_ready()
+            layer_cpu.append(time.process_time() - cpu_start)
+        return statistics.median(layer_cpu)
+
+    layer_cpu = layer_rate(x, w)
+    layer_bf16_cpu = layer_rate(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
 
     result = {
         "library": "forethought",
-        "epoch_seconds": wall, "epoch_cpu_seconds": cpu,
-        "median_epoch_seconds": statistics.median(wall), "median_epoch_cpu_seconds": statistics.median(cpu),
-        "first_call_seconds": first_call,
-        "loss_first_epoch": first_loss, "loss_last_epoch": loss,
+        **timing["float32"],  # the float32 epoch, as before the bfloat16 variant existed
+        "variants": timing,
         "padded_rows": C, "minibatches_per_epoch": C // min(config.batch_size, C),
         "parameters": int(sum(leaf.size for leaf in jax.tree.leaves(params))),
         "matmul": {"size": size, "seconds": matmul_wall, "cpu_seconds": matmul_cpu,
                    "gflops": 2 * size**3 / statistics.median(matmul_wall) / 1e9,
                    "gflops_cpu": 2 * size**3 / statistics.median(matmul_cpu) / 1e9},
-        "layer_matmul": {"shape": [[E, B, H], [E, H, H]], "cpu_seconds_median": statistics.median(layer_cpu),
-                         "gflops_cpu": 2 * E * B * H * H / statistics.median(layer_cpu) / 1e9},
+        "layer_matmul": {"shape": [[E, B, H], [E, H, H]], "cpu_seconds_median": layer_cpu,
+                         "gflops_cpu": 2 * E * B * H * H / layer_cpu / 1e9},
+        "layer_matmul_bf16": {"shape": [[E, B, H], [E, H, H]], "cpu_seconds_median": layer_bf16_cpu,
+                              "gflops_cpu": 2 * E * B * H * H / layer_bf16_cpu / 1e9,
+                              "what": "the same product on bfloat16 factors (cast beforehand, not timed) "
+                                      "with float32 results"},
         "machine": machine_info(options.core),
     }
     options.result.write_text(json.dumps(result, indent=2))
@@ -442,10 +507,12 @@ def _plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     results, ceiling = record["results"], record["ceiling"]
-    sides = [("ours", "forethought (JAX)", "#1f77b4"), ("mbrl", "mbrl-lib ModelTrainer", "#d62728"),
+    sides = [("ours", "forethought (JAX), float32", "#1f77b4"),
+             ("ours_bf16", "forethought, bfloat16 products (mixed precision)", "#17becf"),
+             ("mbrl", "mbrl-lib ModelTrainer", "#d62728"),
              ("mbrl_update_only", "mbrl-lib GaussianMLP.update only", "#f4a3a3")]
     sides = [s for s in sides if s[0] in results]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, axes = plt.subplots(1, 2, figsize=(17, 7), gridspec_kw={"width_ratios": [3, 2]})
 
     ax = axes[0]
     width = 0.8 / len(sides)
@@ -467,21 +534,31 @@ def _plot(record: dict, path: Path) -> None:
     ratios = record.get("ratios") or {}
     title = "One training epoch: 5-member ensemble, 4x200 SiLU, Gaussian NLL, Adam\n2000 transitions, batch 256 per member, one core"
     if ratios:
-        per_round = ", ".join(f"{v:.2f}" for v in ratios["speedup_cpu_per_round"])
-        title += (f"\nmbrl-lib / ours: {ratios['speedup_cpu']:.2f}x in CPU seconds (per round {per_round}; target 2x);"
-                  f" wall {ratios['speedup_wall']:.2f}x, set by the load")
+        for label, r in (("ours float32", ratios), ("ours bfloat16", ratios.get("bf16"))):
+            if r:
+                per_round = ", ".join(f"{v:.2f}" for v in r["speedup_cpu_per_round"])
+                title += (f"\nmbrl-lib / {label}: {r['speedup_cpu']:.2f}x CPU seconds (per round {per_round}; "
+                          f"target 2x), wall {r['speedup_wall']:.2f}x")
     else:
         title += "\n(mbrl-lib not run: no --mbrl-python)"
     ax.set_title(title, fontsize=10)
-    ax.set_ylim(0, ax.get_ylim()[1] * 1.2)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.45)
+    ax.legend(loc="upper center", fontsize=8, ncol=3)
+    if "ours_bf16" in results:
+        ax.text(0.01, 0.80, "loss, first -> last timed epoch (same start and minibatches):\n"
+                f"float32 {_losses(results['ours'])}\nbfloat16 {_losses(results['ours_bf16'])}",
+                transform=ax.transAxes, ha="left", va="top", fontsize=7)
     ax.grid(axis="y", alpha=0.3)
 
     ax = axes[1]
-    bars = [("forethought\nepoch", results["ours"]["gflops_cpu"], "#1f77b4")]
+    bars = [("forethought\nf32 epoch", results["ours"]["gflops_cpu"], "#1f77b4")]
+    if "ours_bf16" in results:
+        bars.append(("forethought\nbf16 epoch", results["ours_bf16"]["gflops_cpu"], "#17becf"))
     if "mbrl" in results:
         bars.append(("mbrl-lib\nepoch", results["mbrl"]["gflops_cpu"], "#d62728"))
     bars.append(("JAX layer\nmatmul", ceiling["jax_layer_matmul_gflops_cpu"], "#9ecae1"))
+    if "jax_layer_matmul_bf16_gflops_cpu" in ceiling:
+        bars.append(("JAX bf16\nlayer matmul", ceiling["jax_layer_matmul_bf16_gflops_cpu"], "#9edae5"))
     if "torch_layer_matmul_gflops_cpu" in ceiling:
         bars.append(("torch layer\nmatmul", ceiling["torch_layer_matmul_gflops_cpu"], "#fcbba1"))
     bars.append((f"JAX {ceiling_size(record)}²\nmatmul", ceiling["gflops_cpu"], "#6baed6"))
@@ -492,17 +569,18 @@ def _plot(record: dict, path: Path) -> None:
     for x, (_, value, _) in zip(xs, bars):
         ax.annotate(f"{value:.0f}", (x, value), ha="center", va="bottom", fontsize=9, xytext=(0, 2),
                     textcoords="offset points")
-    ax.axhline(ceiling["gflops_cpu"], color="gray", ls="--", lw=1)
-    ax.text(-0.4, ceiling["gflops_cpu"], "ceiling: JAX large matmul", ha="left", va="bottom",
-            fontsize=8, color="gray")
-    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=8)
-    ax.set_ylabel("GFLOP/s per CPU second (float32)")
+    ax.axhline(ceiling["gflops_cpu"], color="gray", ls="--", lw=1, label="JAX large float32 matmul")
+    ax.legend(loc="upper right", fontsize=8, bbox_to_anchor=(1, 0.93))
+    ax.set_xticks(list(xs), [b[0] for b in bars], fontsize=7)
+    ax.set_ylabel("GFLOP/s per CPU second (float32 unless marked bf16)")
     ax.set_title("Achieved matrix-product FLOP/s (fwd+bwd = 3x fwd)\nvs the one-core ceiling, same run",
                  fontsize=10)
     ax.set_ylim(0, max(b[1] for b in bars) * 1.2)
-    floor = results["ours"].get("matmul_floor_seconds")
-    if floor:
-        ax.text(0.02, 0.97, f"ours' epoch at the JAX layer-matmul rate, nothing else: {floor * 1e3:.0f} ms",
+    floors = [(label, results[name].get("matmul_floor_seconds")) for name, label in
+              (("ours", "float32"), ("ours_bf16", "bf16")) if name in results]
+    text = "; ".join(f"{label} {floor * 1e3:.0f} ms" for label, floor in floors if floor)
+    if text:
+        ax.text(0.02, 0.97, f"ours' epoch at the JAX layer-matmul rate, nothing else: {text}",
                 transform=ax.transAxes, fontsize=8, va="top")
     ax.grid(axis="y", alpha=0.3)
     m = record["machine"]
@@ -514,6 +592,10 @@ def _plot(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _losses(side: dict) -> str:
+    return ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in zip(side["loss_first_epoch"], side["loss_last_epoch"]))
+
+
 def ceiling_size(record: dict) -> int:
     return int(record["ceiling"]["what"].split("two ", 1)[1].split("x", 1)[0])
 
@@ -521,7 +603,7 @@ def ceiling_size(record: dict) -> int:
 def _print_table(record: dict) -> None:
     results, ceiling = record["results"], record["ceiling"]
     rows = [("side", "ms/epoch CPU", "ms/epoch wall", "GFLOP/s CPU", "GFLOP/s wall", "per-process CPU ms")]
-    for name in ("ours", "mbrl", "mbrl_update_only"):
+    for name in ("ours", "ours_bf16", "mbrl", "mbrl_update_only"):
         if name in results:
             r = results[name]
             rows.append((name, f"{r['epoch_cpu_seconds_median'] * 1e3:.1f}", f"{r['epoch_seconds_median'] * 1e3:.1f}",
@@ -534,12 +616,18 @@ def _print_table(record: dict) -> None:
           f"JAX layer-shape matmul {ceiling['jax_layer_matmul_gflops_cpu']:.1f}"
           + (f"; torch {ceiling['torch_gflops_cpu']:.1f}, torch layer-shape {ceiling['torch_layer_matmul_gflops_cpu']:.1f}"
              if "torch_gflops_cpu" in ceiling else ""))
+    print(f"JAX bf16 layer-shape matmul {ceiling['jax_layer_matmul_bf16_gflops_cpu']:.1f} GFLOP/s (CPU time)")
     print(f"ours at the JAX layer-matmul rate with no other work: "
-          f"{results['ours']['matmul_floor_seconds'] * 1e3:.1f} ms/epoch")
+          f"{results['ours']['matmul_floor_seconds'] * 1e3:.1f} ms/epoch float32, "
+          f"{results['ours_bf16']['matmul_floor_seconds'] * 1e3:.1f} bf16")
+    bf16 = results["ours_bf16"]
+    print(f"ours bf16 / float32 in the same processes: {bf16['speedup_cpu_over_float32']:.2f}x CPU; loss first -> last "
+          f"epoch: float32 {_losses(results['ours'])}, bf16 {_losses(bf16)}")
     ratios = record.get("ratios")
     if ratios:
-        print(f"mbrl-lib / ours: {ratios['speedup_cpu']:.2f}x CPU, {ratios['speedup_wall']:.2f}x wall "
-              f"(per round CPU: {', '.join(f'{v:.2f}' for v in ratios['speedup_cpu_per_round'])}); target 2x")
+        for label, r in (("ours float32", ratios), ("ours bf16", ratios["bf16"])):
+            print(f"mbrl-lib / {label}: {r['speedup_cpu']:.2f}x CPU, {r['speedup_wall']:.2f}x wall "
+                  f"(per round CPU: {', '.join(f'{v:.2f}' for v in r['speedup_cpu_per_round'])}); target 2x")
     else:
         print(record["mbrl"]["skipped"])
 
