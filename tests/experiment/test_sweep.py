@@ -133,7 +133,7 @@ def test_a_2x2_sweep_on_local_ray_writes_four_run_folders_figures_and_a_summary(
     out = tmp_path / "sweep"
     result = subprocess.run([*CLI, "sweep", "random", "--env", "pendulum", "--seeds", "0-1", "--grid",
                              "episodes=2,3", "--num-cpus", "2", "--threshold=-1e9", "--tensorboard", "--out", str(out)],
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     record = json.loads((out / "sweep.json").read_text())
     assert record["agent"] == "random" and record["seeds"] == [0, 1]
@@ -186,7 +186,7 @@ def test_a_trial_whose_ray_worker_is_killed_resumes_and_the_sweep_completes_with
     assert pid is not None, "the trial should be running: " + (process.stderr.read() if process.poll() is not None else "")
     assert not sweep.finished(victim)
     os.kill(pid, signal.SIGKILL)
-    _, err = process.communicate(timeout=240)
+    _, err = process.communicate(timeout=600)
     assert process.returncode == 0, err
     assert "trial default/seed-0: its worker failed; retrying" in err
     log = events(victim)
@@ -210,7 +210,7 @@ def test_a_vectorized_sweep_runs_each_settings_seeds_as_one_program(tmp_path):
              "--members", "2", "--hidden", "16", "--layers", "1", "--batch-size", "32", "--max-epochs", "3"]
     result = subprocess.run([*CLI, "sweep", "pets", "--env", "double-integrator", "--seeds", "0-2", "--vectorize",
                              "--no-gif", "--num-cpus", "1", "--out", str(out), *flags],
-                            capture_output=True, text=True, timeout=240)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert "trial default/seeds-0-1-2: done" in result.stderr
     pids = set()
