@@ -63,6 +63,12 @@ def test_the_loop_refits_on_all_the_data(monkeypatch):
     assert seen == [30, 60]  # after the random episode and after the first MPC episode
 
 
+def test_the_fit_takes_the_configured_matmul_type():
+    for dtype in ("float32", "bfloat16"):
+        _, train_config, _ = mpc._setup(mpc.PETSConfig(training_matmuls=dtype, **SMALL), SYSTEM)
+        assert train_config.matmul_dtype == dtype
+
+
 def test_the_planner_sees_only_the_model():
     """A model fit to the mirror-image system (force reversed) drives the real one the wrong way."""
     rng = np.random.default_rng(0)

@@ -183,3 +183,33 @@ def test_rollout_costs_stop_at_a_terminal_state():
     per_particle = rollout_costs(lambda X, u, t: jnp.ones(2), lambda X, u, t: X + u, Xp,
                                  jnp.ones((1, 5, 1)), is_terminal=lambda X: X[:, 0] >= 2.0)
     np.testing.assert_allclose(per_particle, [(2.0 + 1.0) / 2])
+
+
+def test_rollout_costs_under_an_end_probability_are_the_expected_accrued_cost():
+    from forethought.control.shooting import rollout_costs
+
+    dynamics = lambda x, u, t: x + u  # noqa: E731
+    cost = lambda x, u, t: jnp.sum(x * 0 + 1.0)  # noqa: E731
+    U = jnp.ones((2, 5, 1)).at[1].set(0.0)
+    # a 0/1 probability is the hard end test
+    hard = rollout_costs(cost, dynamics, jnp.zeros(1), U, is_terminal=lambda x: x[0] >= 2.0)
+    soft = rollout_costs(cost, dynamics, jnp.zeros(1), U,
+                         end_probability=lambda x: jnp.where(x[0] >= 2.0, 1.0, 0.0))
+    np.testing.assert_allclose(soft, hard)
+    # a constant probability p of ending at each new state: the stage cost at step t (and the final
+    # term at T) is paid with probability (1 - p)^t
+    p, T = 0.3, 5
+    soft = rollout_costs(cost, dynamics, jnp.zeros(1), U, end_probability=lambda x: jnp.float32(p))
+    np.testing.assert_allclose(soft, [sum((1 - p) ** t for t in range(T + 1))] * 2, rtol=1e-6)
+    # against Monte Carlo over sampled ends, with a state-dependent probability
+    p_of = lambda x: jax.nn.sigmoid(x[0] - 2.0)  # noqa: E731
+    exact = rollout_costs(cost, dynamics, jnp.zeros(1), U[:1], end_probability=p_of)[0]
+    ends = jax.random.uniform(jax.random.key(0), (200_000, T))
+    probs = jnp.array([p_of(jnp.array([t + 1.0])) for t in range(T)])
+    alive = jnp.cumprod(ends >= probs, axis=1)  # alive after each step
+    samples = 1.0 + alive.sum(1)  # the first stage cost is always paid
+    se = float(jnp.std(samples)) / np.sqrt(samples.size)
+    assert abs(float(jnp.mean(samples)) - float(exact)) < 5 * se
+    with pytest.raises(ForethoughtError, match="not both"):
+        rollout_costs(cost, dynamics, jnp.zeros(1), U, is_terminal=lambda x: x[0] > 0,
+                      end_probability=lambda x: 0.0)

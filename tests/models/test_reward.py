@@ -29,6 +29,12 @@ def test_a_known_reward_and_end_test_are_recovered():
     assert float(jnp.mean((predicted - test_reward) ** 2)) < 0.01 * float(np.var(test_reward))
     ends = np.asarray(jax.vmap(task.is_terminal)(jnp.asarray(test_next)))
     assert np.mean(ends == test_end) > 0.95
+    # the unthresholded probability is the test's: high past the edge, low well inside it
+    probe = lambda x0: jnp.asarray(test_next).at[:, 0].set(x0)  # noqa: E731
+    for x0 in (-1.3, 1.3):
+        assert float(jnp.min(jax.vmap(task.end_probability)(probe(x0)))) > 0.5
+    for x0 in (-0.5, 0.0, 0.5):
+        assert float(jnp.max(jax.vmap(task.end_probability)(probe(x0)))) < 0.5
     assert np.allclose(jax.vmap(task.cost, in_axes=(0, 0, None))(jnp.asarray(test_obs), jnp.asarray(test_action), 0),
                        -predicted)
 
@@ -38,6 +44,7 @@ def test_no_ends_in_the_data_means_never_terminal():
     task = LearnedTask.create(3, [-2.0], [2.0], jax.random.key(0), hidden=16)
     task = task.fit(obs, action, reward, next_obs, np.zeros(500, bool), jax.random.key(1), RewardTrainConfig(steps=50))
     assert not bool(jnp.any(jax.vmap(task.is_terminal)(jnp.asarray(next_obs))))
+    assert not bool(jnp.any(jax.vmap(task.end_probability)(jnp.asarray(next_obs)) > 0))
 
 
 def test_given_functions_are_used_as_they_are():
@@ -45,6 +52,8 @@ def test_given_functions_are_used_as_they_are():
                               termination_fn=lambda x: x[1] > 0)
     assert float(task.cost(jnp.array([2.0, -1.0]), jnp.array([0.5]))) == -1.5
     assert bool(task.is_terminal(jnp.array([0.0, 1.0]))) and not bool(task.is_terminal(jnp.array([0.0, -1.0])))
+    assert float(task.end_probability(jnp.array([0.0, 1.0]))) == 1.0
+    assert float(task.end_probability(jnp.array([0.0, -1.0]))) == 0.0
 
 
 def test_an_empty_buffer_is_refused():

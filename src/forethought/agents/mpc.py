@@ -26,7 +26,8 @@ function of the model's parameters, the state, the previous plan and a key.
 
 A Gymnasium env (`--env gym:InvertedPendulum-v5`) has no known cost: the agent then learns the
 reward `r(x, u)` and the termination test `p(done | x')` from the same buffer, refit with the
-dynamics after every episode (`models/reward.py`), and plans on `-r` with the learned end test;
+dynamics after every episode (`models/reward.py`), and plans on the expected `-r` accrued before
+the learned end (`learned_ends`);
 from Python, `train(..., reward_fn=, termination_fn=)` gives them instead. Observations and actions
 must be flat `Box` spaces.
 """
@@ -87,9 +88,17 @@ class Config:
     """Particles per action sequence (probabilistic model); with TS-infinity, one per member by
     default: on the pendulum this reached the true-model return as fast as 10 or 20 did, at a
     fraction of the compute."""
+    learned_ends: Literal["expected", "threshold"] = "expected"
+    """Gymnasium envs with a learned end test: plan on the expected cost under the learned end
+    probability (plans that keep away from the edge rank higher), or stop a particle's cost where
+    the probability passes 0.5."""
     planning_matmuls: Literal["float32", "bfloat16"] = "float32"
     """Input type of the model's matrix products while planning (float32 accumulation either
     way); bfloat16 planned about 2x faster on a CPU with AMX (benchmarks/pets_speed.py)."""
+    training_matmuls: Literal["float32", "bfloat16"] = "float32"
+    """Input type of the model fit's matrix products, forward and backward (float32 weights and
+    accumulation either way); bfloat16 trained an epoch 1.7x faster on a CPU with AMX
+    (`TrainConfig.matmul_dtype`, benchmarks/results/models.json)."""
     propagation: Literal["ts_inf", "ts1", "expectation"] = "ts_inf"
     """How particles move through the ensemble: fixed member (TS-inf), resampled each step (TS1), or the mean."""
     members: int = 5
@@ -180,8 +189,11 @@ class Planner:
 
     def _evaluate(self, model: Ensemble | tuple[Ensemble, LearnedTask] | None, x, key):
         system = self.system
+        soft_end = None
         if isinstance(model, tuple):  # a learned task travels with the model (both are refit)
             model, system = model
+            if system.termination_fn is None and self.config.learned_ends == "expected":
+                soft_end = system.end_probability
         end = system.is_terminal if system.terminates else None
         if model is None:
             return lambda U, _: rollout_costs(system.cost, system.dynamics, x, U, is_terminal=end)
@@ -195,6 +207,8 @@ class Planner:
             return lambda U, _: rollout_costs(particle_cost(system.cost), dynamics, X0, U)
         # per-particle costs and ends: a particle that falls stops earning (the known end test)
         per_particle = lambda X, u, t: jax.vmap(system.cost, in_axes=(0, None, None))(X, u, t)  # noqa: E731
+        if soft_end is not None:
+            return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, end_probability=jax.vmap(soft_end))
         return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, is_terminal=jax.vmap(end))
 
     def _act(self, model, x, U, key):
@@ -326,7 +340,7 @@ def _setup(config: Config, system) -> tuple[EnsembleSpec | None, TrainConfig, Pl
                             probabilistic=probabilistic)
     train_config = TrainConfig(learning_rate=config.learning_rate, weight_decay=config.weight_decay,
                                batch_size=config.batch_size, max_epochs=config.max_epochs,
-                               patience=config.patience)
+                               patience=config.patience, matmul_dtype=config.training_matmuls)
     return spec, train_config, Planner(config, system, spec)
 
 

@@ -66,7 +66,7 @@ def rollout(dynamics, x0, U, keys=None) -> jax.Array:
 
 
 def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None,
-                  is_terminal=None) -> jax.Array:
+                  is_terminal=None, end_probability=None) -> jax.Array:
     """The objective `J` (see the module docstring) of each plan in `U_batch: [N, T, m]`
     from `x0: [n]` -> `[N]`.
 
@@ -79,7 +79,14 @@ def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None,
     there (the episode would have ended): stage costs after it and the final term count zero.
     `is_terminal` and `cost` may also return arrays of one shape (e.g. `[P]` over particles);
     the accrued costs are then averaged.
+
+    With `end_probability(x) -> p` instead (a learned end test), the rollout ends on reaching `x`
+    with probability `p`: each stage cost, and the final term, is weighted by the probability of
+    still being alive, so `J` is the expected accrued cost. Unlike a thresholded test this ranks
+    plans that all survive the horizon by how close they come to ending.
     """
+    if is_terminal is not None and end_probability is not None:
+        raise ForethoughtError("rollout_costs: give is_terminal or end_probability, not both")
     T = U_batch.shape[1]
 
     def objective(U, keys_i):
@@ -88,14 +95,21 @@ def rollout_costs(cost, dynamics, x0, U_batch, terminal_cost=None, keys=None,
             t, u, key = inputs
             x_next = dynamics(x, u, t) if keys_i is None else dynamics(x, u, t, key)
             c = cost(x, u, t)
+            if end_probability is not None:
+                return (x_next, alive * (1.0 - end_probability(x_next))), alive * c
             if is_terminal is None:
                 return (x_next, alive), c
             return (x_next, alive & ~is_terminal(x_next)), jnp.where(alive, c, 0.0)
 
-        alive0 = True if is_terminal is None else jnp.ones(jnp.shape(is_terminal(x0)), bool)
+        if end_probability is not None:
+            alive0 = jnp.ones(jnp.shape(end_probability(x0)), jnp.result_type(float))
+        else:
+            alive0 = True if is_terminal is None else jnp.ones(jnp.shape(is_terminal(x0)), bool)
         (xT, alive), stage = jax.lax.scan(step, (x0, alive0), (jnp.arange(T), U, keys_i))
         final = cost(xT, jnp.zeros_like(U[0]), T) if terminal_cost is None else terminal_cost(xT)
-        if is_terminal is not None:
+        if end_probability is not None:
+            final = alive * final
+        elif is_terminal is not None:
             final = jnp.where(alive, final, 0.0)
         return jnp.mean(stage.sum(0) + final)
 

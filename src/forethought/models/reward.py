@@ -8,6 +8,8 @@ termination functions, learned instead of written).
     is_terminal(x') = p_hat(done | x') > 0.5         a logistic MLP on normalised x', fit by
                                                      cross-entropy; never, until an episode in
                                                      the data has ended by termination
+    end_probability(x') = p_hat(done | x')           the same, unthresholded: the MPC agents
+                                                     plan on the expected accrued cost under it
 
 A user who knows the reward can pass `reward_fn(x, u) -> r` and `termination_fn(x') -> bool`
 instead (`LearnedTask.create(..., reward_fn=..., termination_fn=...)`); the learned parts are then
@@ -106,6 +108,14 @@ class LearnedTask(eqx.Module):
         if self.termination_fn is not None:
             return jnp.asarray(self.termination_fn(x), bool)
         return self.seen_ends & (self.done_probability(x) > 0.5)
+
+    def end_probability(self, x):
+        """The probability that an episode ends on reaching `x`: the learned one (0 until an end
+        has been seen), or 0/1 from a given `termination_fn`. A planner that weighs costs by it
+        (`rollout_costs(end_probability=)`) prefers plans that stay far from the learned edge."""
+        if self.termination_fn is not None:
+            return jnp.asarray(self.termination_fn(x), jnp.float32)
+        return jnp.where(self.seen_ends, self.done_probability(x), 0.0)
 
     def fit(self, obs, action, reward, next_obs, terminated, key: jax.Array,
             config: RewardTrainConfig = RewardTrainConfig()) -> "LearnedTask":
