@@ -44,8 +44,15 @@ def reference(tmp_path_factory):
     return comparable(out)
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args):
-    return subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # A shell script's background job inherits SIGINT ignored, and Python then leaves it ignored
+    # (no KeyboardInterrupt): the child gets the disposition an interactive run has.
+    return subprocess.Popen([*CLI, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
 
 
 def wait_for_rows(process, path, target, timeout=120):
