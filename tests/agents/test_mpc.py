@@ -1,5 +1,6 @@
 """MPC agents on a tiny known task: a 1-D point mass (the double integrator) driven to the origin."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -153,16 +154,19 @@ def test_unsupported_gymnasium_envs_and_arguments_are_refused_clearly():
     ("particles", 7, "multiple of members"),
     ("random_episodes", 0, "random_episodes"),
     ("horizon", 0, "horizon must be >= 1"),
+    ("value_discount", 1.0, "value_discount must be in"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ForethoughtError, match=message):
         mpc.PETSConfig(**{**SMALL, field: value})
 
 
-def test_a_run_cut_off_mid_episode_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("terminal_value", [False, True])
+def test_a_run_cut_off_mid_episode_resumes_to_the_same_numbers(tmp_path, monkeypatch, terminal_value):
+    """The checkpoint holds all the loop learns: the model and, with a planning tail, its value."""
     from forethought.experiment.run import Run, read_metrics
 
-    config = mpc.NaiveConfig(episodes=3, **SMALL)
+    config = mpc.NaiveConfig(episodes=3, terminal_value=terminal_value, **SMALL)
 
     def new_run(name):
         return Run.create(tmp_path / name, {"agent": "mpc", "env": "double-integrator", "seed": 0})
@@ -258,3 +262,35 @@ def test_vectorized_runs_refuse_envs_without_a_built_in_system():
     env = gymnasium.make("Pendulum-v1")
     with pytest.raises(ForethoughtError, match="need a built-in system's JAX dynamics; env Pendulum-v1"):
         mpc.train_vectorized(mpc.PETSConfig(**VECTOR), env, [jax.random.key(0)])
+
+
+class QuadraticValue(eqx.Module):
+    """V(x) = -x'Px / 2: the return after x under LQR, for the planner's tail."""
+
+    P: jax.Array
+
+    def __call__(self, x):
+        return -0.5 * x @ self.P @ x
+
+
+def test_a_terminal_value_makes_a_one_step_planner_act_like_lqr():
+    """With the infinite-horizon LQR value as its tail, MPC over one step is LQR (the force stays
+    inside the bound); without it, the one-step planner is myopic and does much worse."""
+    system = systems.make("double-integrator", start_position=2.0, horizon=30)
+    A, B, Q, R = (np.asarray(m, np.float64) for m in (system.A, system.B, system.Q, system.R))
+    P = Q
+    for _ in range(2000):
+        P = Q + A.T @ P @ A - A.T @ P @ B @ np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A)
+    K = np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A)
+    x, lqr_cost = np.array([2.0, 0.0]), 0.0
+    for t in range(system.horizon):
+        u = -K @ x
+        lqr_cost += float(system.cost(x, u, t))
+        x = A @ x + B @ u
+    config = mpc.PETSConfig(model="true", random_episodes=0, horizon=1, population=256, iterations=5)
+    planner = mpc.Planner(config, system, None)
+    x0, key = system.initial_state(), jax.random.key(0)
+    with_tail = rollout_cost(system, planner, (None, None, QuadraticValue(jnp.asarray(P, jnp.float32))), x0, key)
+    without = rollout_cost(system, planner, None, x0, key)
+    assert with_tail == pytest.approx(lqr_cost, rel=0.04)  # CEM on one step: 35.7 against 35.0
+    assert without > 1.4 * lqr_cost, (without, lqr_cost)  # 59.2

@@ -30,6 +30,12 @@ dynamics after every episode (`models/reward.py`), and plans on the expected `-r
 the learned end (`learned_ends`);
 from Python, `train(..., reward_fn=, termination_fn=)` gives them instead. Observations and actions
 must be flat `Box` spaces.
+
+`terminal_value` (`--terminal-value`, off by default) ends each planned rollout with a learned
+value of the return after the horizon (seed 003's value function for the tail return;
+`models/value.py`, TD(0) on the real transitions, refit after every episode): a one-step planner
+with LQR's value as its tail acts as LQR (tests/agents/test_mpc.py). On InvertedPendulum, where
+the cart drifts into its rail beyond the horizon, a value fit on 10 episodes' data did not help.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from forethought.errors import ForethoughtError
 from forethought.faults import keep_finite
 from forethought.models.ensemble import Ensemble, EnsembleSpec, particle_cost
 from forethought.models.reward import LearnedTask
+from forethought.models.value import StateValue, ValueTrainConfig
 from forethought.models.train import FitReport, TrainConfig, evaluate, fit, fit_many
 from forethought.models.train import stack as train_stack
 from forethought.rl.buffer import ReplayBuffer
@@ -99,6 +106,12 @@ class Config:
     """Input type of the model fit's matrix products, forward and backward (float32 weights and
     accumulation either way); bfloat16 trained an epoch 1.7x faster on a CPU with AMX
     (`TrainConfig.matmul_dtype`, benchmarks/results/models.json)."""
+    terminal_value: bool = False
+    """End each planned rollout with a learned value of the return after the horizon
+    (`models.value.StateValue`, TD(0) on the real transitions, refit with the model): plans are
+    ranked by what the closed loop has earned from where they end, not only within the horizon."""
+    value_discount: float = 0.99
+    """Discount of the terminal value's return."""
     propagation: Literal["ts_inf", "ts1", "expectation"] = "ts_inf"
     """How particles move through the ensemble: fixed member (TS-inf), resampled each step (TS1), or the mean."""
     members: int = 5
@@ -130,6 +143,11 @@ class Config:
         if not 0 <= self.random_episodes < self.episodes or (self.model != "true" and self.random_episodes < 1):
             raise ForethoughtError(f"random_episodes must be >= 1 (>= 0 with --model true) and < episodes "
                                    f"({self.episodes}), got {self.random_episodes}")
+        if self.terminal_value and self.random_episodes < 1:
+            raise ForethoughtError("terminal_value needs random_episodes >= 1 (the value is fit on them "
+                                   f"before the first planned episode), got {self.random_episodes}")
+        if not 0 <= self.value_discount < 1:
+            raise ForethoughtError(f"value_discount must be in [0, 1), got {self.value_discount}")
         if not 0 < self.elite_fraction <= 1:
             raise ForethoughtError(f"elite_fraction must be in (0, 1], got {self.elite_fraction}")
         if self.model == "probabilistic" and self.propagation == "ts_inf" and self.particles % self.members:
@@ -187,29 +205,40 @@ class Planner:
     def initial_plan(self) -> jax.Array:
         return jnp.broadcast_to(self.fill, (self.config.horizon, self.fill.shape[0]))
 
-    def _evaluate(self, model: Ensemble | tuple[Ensemble, LearnedTask] | None, x, key):
-        system = self.system
-        soft_end = None
-        if isinstance(model, tuple):  # a learned task travels with the model (both are refit)
-            model, system = model
-            if system.termination_fn is None and self.config.learned_ends == "expected":
-                soft_end = system.end_probability
+    def _evaluate(self, model: Ensemble | tuple[Ensemble | None, LearnedTask | None, StateValue | None] | None,
+                  x, key):
+        """`cost(U_batch, key) -> [N]` of plans from `x`. `model` is the ensemble (None: the true
+        dynamics) or `(ensemble, task, value)`: a learned task and a terminal value travel with the
+        model (all three are refit), as traced arguments."""
+        system, soft_end, value = self.system, None, None
+        if isinstance(model, tuple):
+            model, task, value = model
+            if task is not None:
+                system = task
+                if task.termination_fn is None and self.config.learned_ends == "expected":
+                    soft_end = task.end_probability
         end = system.is_terminal if system.terminates else None
         if model is None:
-            return lambda U, _: rollout_costs(system.cost, system.dynamics, x, U, is_terminal=end)
+            tail = None if value is None else (lambda x: -value(x))
+            return lambda U, _: rollout_costs(system.cost, system.dynamics, x, U, terminal_cost=tail, is_terminal=end)
         c = self.config
         particles = c.particles if model.spec.probabilistic else 1
         dynamics = model.as_dynamics(key, particles=particles,
                                      propagation=c.propagation if model.spec.probabilistic else "expectation",
                                      matmul_dtype=None if c.planning_matmuls == "float32" else jnp.bfloat16)
         X0 = jnp.broadcast_to(x, (particles, x.shape[0]))
-        if end is None:
+        tail = None if value is None else (lambda X: -jax.vmap(value)(X))
+        if end is None and tail is None:
             return lambda U, _: rollout_costs(particle_cost(system.cost), dynamics, X0, U)
-        # per-particle costs and ends: a particle that falls stops earning (the known end test)
+        # per-particle costs, ends and tails, averaged over particles by rollout_costs: a particle
+        # that falls stops earning (the known end test)
         per_particle = lambda X, u, t: jax.vmap(system.cost, in_axes=(0, None, None))(X, u, t)  # noqa: E731
+        if end is None:
+            return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, terminal_cost=tail)
         if soft_end is not None:
-            return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, end_probability=jax.vmap(soft_end))
-        return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, is_terminal=jax.vmap(end))
+            return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, terminal_cost=tail,
+                                              end_probability=jax.vmap(soft_end))
+        return lambda U, _: rollout_costs(per_particle, dynamics, X0, U, terminal_cost=tail, is_terminal=jax.vmap(end))
 
     def _act(self, model, x, U, key):
         """`(u, U_next, ok)`: `ok` is false when the plan's cost came out NaN or inf (a model that
@@ -281,6 +310,7 @@ class _Seed:
     run: RunLike
     model: Ensemble | None
     task: LearnedTask | None
+    value: StateValue | None
     buffer: ReplayBuffer
     returns: list[float]
     episode: int = 0
@@ -289,15 +319,15 @@ class _Seed:
 
     @classmethod
     def restore(cls, key: jax.Array, run: RunLike, model: Ensemble | None, task: LearnedTask | None,
-                buffer: ReplayBuffer) -> "_Seed":
-        """The loop as `run`'s checkpoint left it, or a fresh one from `model`, `task`, `buffer`."""
+                value: StateValue | None, buffer: ReplayBuffer) -> "_Seed":
+        """The loop as `run`'s checkpoint left it, or a fresh one from `model`, `task`, `value`, `buffer`."""
         state = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0)}
-        restored = run.load_checkpoint({"state": state, "model": model, "task": task})
+        restored = run.load_checkpoint({"state": state, "model": model, "task": task, "value": value})
         if restored is None:
-            return cls(key, run, model, task, buffer, [])
+            return cls(key, run, model, task, value, buffer, [])
         saved, meta = restored
         state = saved["state"]
-        return cls(key, run, saved["model"], saved["task"], restore_buffer(run, meta, buffer),
+        return cls(key, run, saved["model"], saved["task"], saved["value"], restore_buffer(run, meta, buffer),
                    list(meta.get("returns", [])), int(state["episode"]), int(state["env_steps"]),
                    EpisodeClock(float(state["elapsed"])))
 
@@ -321,7 +351,8 @@ class _Seed:
         state = {"episode": np.int64(self.episode), "env_steps": np.int64(self.env_steps),
                  "elapsed": np.float64(self.clock.elapsed)}
         save_buffer(self.run, self.buffer)
-        self.run.save_checkpoint({"state": state, "model": self.model, "task": self.task}, episode=self.episode,
+        self.run.save_checkpoint({"state": state, "model": self.model, "task": self.task, "value": self.value},
+                                 episode=self.episode,
                                  returns=self.returns, buffer_transitions=len(self.buffer))
 
     def refits(self, config: Config) -> bool:
@@ -344,16 +375,20 @@ def _setup(config: Config, system) -> tuple[EnsembleSpec | None, TrainConfig, Pl
     return spec, train_config, Planner(config, system, spec)
 
 
-def _start(spec: EnsembleSpec | None, key: jax.Array, run: RunLike, task: LearnedTask | None, system) -> _Seed:
+def _start(config: Config, spec: EnsembleSpec | None, key: jax.Array, run: RunLike, task: LearnedTask | None,
+           system) -> _Seed:
     model = Ensemble.create(spec, jax.random.fold_in(key, 7)) if spec else None
-    return _Seed.restore(key, run, model, task, ReplayBuffer(system.state_dim, system.action_dim))
+    value = (StateValue.create(system.state_dim, jax.random.fold_in(key, 11), gamma=config.value_discount)
+             if config.terminal_value else None)
+    return _Seed.restore(key, run, model, task, value, ReplayBuffer(system.state_dim, system.action_dim))
 
 
-def _mpc_policy(planner: Planner, model, task, key: jax.Array, where: str):
-    """`policy(obs, t) -> action`: MPC through `model` (with the learned `task`, if any), its keys
-    split from `key` step by step; a plan that came out NaN or inf is a reported fault."""
-    if task is not None:
-        model = (model, task)
+def _mpc_policy(planner: Planner, model, task, key: jax.Array, where: str, value: StateValue | None = None):
+    """`policy(obs, t) -> action`: MPC through `model` (with the learned `task` and the terminal
+    `value`, if any), its keys split from `key` step by step; a plan that came out NaN or inf is a
+    reported fault."""
+    if task is not None or value is not None:
+        model = (model, task, value)
     box = {"U": planner.initial_plan(), "key": key}
 
     def policy(obs, t):
@@ -374,7 +409,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     run = run or MemoryRun()
     system = _check_env(env, config, key, reward_fn, termination_fn)
     spec, train_config, planner = _setup(config, system)
-    seed = _start(spec, key, run, system if isinstance(system, LearnedTask) else None, system)
+    seed = _start(config, spec, key, run, system if isinstance(system, LearnedTask) else None, system)
 
     run.progress(config.episodes, start=seed.episode)
     try:
@@ -385,11 +420,14 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                 env.action_space.seed(episode_seed(jax.random.fold_in(key, 1), episode))
                 policy = lambda obs, t: env.action_space.sample()  # noqa: E731
             else:
-                policy = _mpc_policy(planner, seed.model, seed.task, ep_key, f"episode {episode}")
+                policy = _mpc_policy(planner, seed.model, seed.task, ep_key, f"episode {episode}", seed.value)
             row = seed.add(run_episode(env, policy, episode_seed(key, episode)))
             report = None
+            data = seed.buffer.all()
+            if seed.value is not None and config.random_episodes <= episode + 1 < config.episodes:
+                seed.value = seed.value.fit(data.obs, data.reward, data.next_obs, data.terminated,
+                                            jax.random.fold_in(ep_key, 6), ValueTrainConfig())
             if seed.refits(config):
-                data = seed.buffer.all()
                 seed.model, report = fit(seed.model, data.obs, data.action, data.next_obs,
                                          jax.random.fold_in(ep_key, 3), train_config)
                 if seed.task is not None:
@@ -399,7 +437,8 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     finally:
         run.close_progress()
     return Result(seed.returns, seed.env_steps, seed.model,
-                  _mpc_policy(planner, seed.model, seed.task, jax.random.fold_in(key, 99), "the final policy's episode"))
+                  _mpc_policy(planner, seed.model, seed.task, jax.random.fold_in(key, 99), "the final policy's episode",
+                              seed.value))
 
 
 def train_vectorized(config: Config, env: gymnasium.Env, keys: list[jax.Array],
@@ -422,11 +461,13 @@ def train_vectorized(config: Config, env: gymnasium.Env, keys: list[jax.Array],
                                "(run its seeds as separate trials instead)")
     if len(keys) == 0:
         raise ForethoughtError("train_vectorized: expected at least one key")
+    if config.terminal_value:
+        raise ForethoughtError("terminal_value is not vectorized yet: run the seeds without --vectorize")
     runs = list(runs) if runs is not None else [MemoryRun() for _ in keys]
     if len(runs) != len(keys):
         raise ForethoughtError(f"train_vectorized: expected a run per key, got {len(runs)} runs for {len(keys)} keys")
     spec, train_config, planner = _setup(config, system)
-    seeds = [_start(spec, key, run, None, system) for key, run in zip(keys, runs)]
+    seeds = [_start(config, spec, key, run, None, system) for key, run in zip(keys, runs)]
 
     runs[0].progress(config.episodes, start=min(s.episode for s in seeds))
     try:
