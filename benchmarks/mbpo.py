@@ -2,6 +2,7 @@
 
     forethought bench mbpo [--agents sac,mbpo] [--seeds 0,1,2] [--episodes sac=150,mbpo=20]
                            [--env pendulum] [--threshold -250] [--window 3]
+                           [--max-steps sac=25000,mbpo=5000]
 
 Runs each agent (any name of the agents registry, `forethought list`, with its default `Config`
 but for `episodes`) for each seed in this process, one after another, and records return, env
@@ -15,6 +16,13 @@ pendulum: random actions score about -420, the true-dynamics CEM controller abou
 the ratio of the first agent's (SAC's) median to each agent's. It also reports the threshold
 "SAC's best final return less 10% of its size" (a final return is the mean of a run's last five
 episodes).
+
+`--max-steps` caps an agent's env steps: its run stops before the first episode that would
+start at or past the cap (the episode under way when the cap is crossed runs to its end). Give
+`--episodes` enough episodes never to bind then: on a task whose episodes end early while the
+policy fails (`gym:InvertedPendulum-v5`: from a few steps to 1,000), a fixed episode count is
+either too few for an agent that learns late or thousands of env steps too many for one that
+learns early.
 
 Adding an agent to the comparison later (MVE, SVG, BPTT, PPO on the model, ...) is
 `--agents sac,mbpo,mve --episodes sac=150,mbpo=20,mve=40`; an agent with no `--episodes` entry
@@ -48,7 +56,50 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--env", default="pendulum", help="a built-in system or gym:ID")
     parser.add_argument("--threshold", type=float, default=-250.0, help="the return R of 'env steps to reach R'")
     parser.add_argument("--window", type=int, default=3, help="episodes in the trailing mean compared with R")
+    parser.add_argument("--max-steps", default="", help="NAME=N pairs, comma separated: stop an agent's run "
+                        "before the first episode that would start at or past N env steps")
     return parser
+
+
+def _parse_max_steps(text: str, agents: list[str]) -> dict[str, int | None]:
+    text = text.strip()
+    if not text:
+        return {name: None for name in agents}
+    try:
+        pairs = dict(item.split("=", 1) for item in text.split(",") if item)
+        given = {name.strip(): int(value) for name, value in pairs.items()}
+    except ValueError:
+        raise UsageError(f"--max-steps must be NAME=N pairs, got {text!r}") from None
+    for name, steps in given.items():
+        if name not in agents:
+            raise UsageError(f"--max-steps names {name!r}, which is not in --agents")
+        if steps < 1:
+            raise UsageError(f"--max-steps for {name} must be >= 1, got {steps}")
+    return {name: given.get(name) for name in agents}
+
+
+class _BudgetSpent(Exception):
+    """Raised by `_step_budget`'s env at the reset of an episode past the cap."""
+
+
+def _step_budget(env, steps: int):
+    """`env` behind a wrapper that counts env steps and raises `_BudgetSpent` at the first reset
+    once `steps` have been taken (the agent's loop stops there; its logged rows stay)."""
+    import gymnasium
+
+    class StepBudget(gymnasium.Wrapper):
+        taken = 0
+
+        def reset(self, **kwargs):
+            if self.taken >= steps:
+                raise _BudgetSpent
+            return self.env.reset(**kwargs)
+
+        def step(self, action):
+            self.taken += 1
+            return self.env.step(action)
+
+    return StepBudget(env)
 
 
 def _parse_episodes(text: str, agents: list[str]) -> dict[str, int | None]:
@@ -92,6 +143,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
         if options.window < 1:
             raise UsageError(f"--window must be >= 1, got {options.window}")
         episodes = _parse_episodes(options.episodes, agents)
+        max_steps = _parse_max_steps(options.max_steps, agents)
         configs = {}
         for name in agents:
             cls = registry.config_class(name)
@@ -118,7 +170,13 @@ def main(out_dir: Path, argv: list[str]) -> int:
         for seed in seeds:
             run = MemoryRun()
             start = time.perf_counter()
-            module.train(configs[name], make_env(options.env), jax.random.key(seed), run)
+            env = make_env(options.env)
+            if max_steps[name] is not None:
+                env = _step_budget(env, max_steps[name])
+            try:
+                module.train(configs[name], env, jax.random.key(seed), run)
+            except _BudgetSpent:
+                pass
             runs.append({"seed": seed, "total_seconds": round(time.perf_counter() - start, 1),
                          "returns": [round(float(r["return"]), 3) for r in run.rows],
                          "env_steps": [int(r["env_steps"]) for r in run.rows],
@@ -154,7 +212,8 @@ def main(out_dir: Path, argv: list[str]) -> int:
 
     summary = {
         "task": f"{options.env}: return of each training episode against env steps",
-        "settings": {"agents": agents, "seeds": seeds, "episodes": episodes, "env": options.env,
+        "settings": {"agents": agents, "seeds": seeds, "episodes": episodes, "max_steps": max_steps,
+                     "env": options.env,
                      "threshold": options.threshold, "window": options.window,
                      "steps_to_reach": "env steps at the end of the first episode whose trailing "
                                        f"{options.window}-episode mean return >= threshold"},

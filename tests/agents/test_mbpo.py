@@ -1,4 +1,5 @@
-"""MBPO: rollouts go through the model (not the system), end where the task ends, and the loop learns."""
+"""MBPO: rollouts go through the model (not the system), end where the task ends, and the loop learns;
+on a Gymnasium env they earn the learned reward and end with the learned end probability."""
 
 import equinox as eqx
 import jax
@@ -11,6 +12,7 @@ from forethought.agents import mbpo, sac as sac_agent
 from forethought.agents.base import MemoryRun, run_episode
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec
+from forethought.models.reward import LearnedTask
 from forethought.rl import sac
 from forethought.systems.gym import SystemEnv
 
@@ -93,11 +95,163 @@ def test_the_rollout_length_schedule_is_linear_in_episodes():
     assert mbpo.Config(batch_size=200, real_ratio=0.05).batch_counts() == (10, 190)
 
 
-def test_gymnasium_envs_without_a_cost_are_refused_clearly():
+class PointMassEnv:
+    """The point mass of `SYSTEM` as a plain Gymnasium env: no built-in system behind it (so no
+    known cost), reward `-(x^2 + 0.1 v^2)` as `SYSTEM`'s, and the episode ends (terminated) if the
+    mass leaves [-4, 4]."""
+
+    def __new__(cls):
+        import gymnasium
+
+        class Env(gymnasium.Env):
+            observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+            action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+            def reset(self, *, seed=None, options=None):
+                super().reset(seed=seed)
+                self.x, self.t = np.array([2.0, 0.0]) + 0.2 * self.np_random.standard_normal(2), 0
+                return self.x.astype(np.float32), {}
+
+            def step(self, action):
+                x, u = self.x, float(np.clip(action, -1, 1)[0])
+                reward = -float(SYSTEM.cost(jnp.asarray(x, jnp.float32), jnp.asarray([u]), self.t))
+                self.x = np.asarray(SYSTEM.dynamics(jnp.asarray(x, jnp.float32), jnp.asarray([u]), self.t))
+                self.t += 1
+                return self.x.astype(np.float32), reward, bool(abs(self.x[0]) > 4), self.t >= SYSTEM.horizon, {}
+
+        return Env()
+
+
+def constant_logit(net, value):
+    """`net` (a scalar-output MLP) changed to output `value` whatever its input."""
+    last = lambda n: (n.layers[-1].weight, n.layers[-1].bias)  # noqa: E731
+    weight, bias = last(net)
+    return eqx.tree_at(last, net, (jnp.zeros_like(weight), jnp.full_like(bias, value)))
+
+
+def test_rollouts_on_a_learned_task_earn_its_reward_and_draw_its_ends():
+    """A learned task whose end probability is 0.3 everywhere: about 30% of the rollouts end at
+    each step (a 0.5 threshold would end none), and every reward is the task's `r_hat(s, a)`."""
+    spec, actor = actor_for(SYSTEM)
+    model = shifting_model(2, 1, [[0.1, 0.0]] * 3)
+    task = LearnedTask.create(2, [-1.0], [1.0], jax.random.key(3), hidden=16)
+    task = eqx.tree_at(lambda t: (t.done_net, t.seen_ends), task,
+                       (constant_logit(task.done_net, float(np.log(0.3 / 0.7))), jnp.asarray(True)))
+    B, k = 4000, 3
+    starts = jnp.asarray(np.random.default_rng(0).normal(size=(B, 2)), jnp.float32)
+    batch, valid = mbpo.model_rollouts(spec, task, model, actor, starts, jax.random.key(1), k)
+    valid, done = np.asarray(valid).reshape(k, B), np.asarray(batch.done).reshape(k, B)
+    assert abs(done[0].mean() - 0.3) < 0.03, done[0].mean()
+    np.testing.assert_array_equal(valid[1], ~done[0])  # an end stops the rollout
+    assert abs(valid[2].mean() - 0.49) < 0.03, valid[2].mean()
+    np.testing.assert_allclose(batch.reward, jax.vmap(task.reward)(batch.obs, batch.action), rtol=1e-5, atol=1e-6)
+    true_reward = -jax.vmap(SYSTEM.cost)(batch.obs, batch.action, jnp.zeros(B * k, int))
+    assert float(jnp.max(jnp.abs(batch.reward - true_reward))) > 0.1  # an untrained r_hat, not the system's cost
+    # before any end has been seen in the data, nothing ends
+    unseen = eqx.tree_at(lambda t: t.seen_ends, task, jnp.asarray(False))
+    batch, valid = mbpo.model_rollouts(spec, unseen, model, actor, starts, jax.random.key(1), k)
+    assert bool(jnp.all(valid)) and not bool(jnp.any(batch.done))
+
+
+def test_mbpo_runs_on_a_gymnasium_env_with_a_learned_reward():
+    run = MemoryRun()
+    config = mbpo.Config(**{**SMALL, "episodes": 3, "reward_hidden": 32, "reward_steps": 300})
+    result = mbpo.train(config, PointMassEnv(), jax.random.key(1), run)
+    assert isinstance(result.task, LearnedTask) and not bool(result.task.seen_ends)  # the mass stays in [-4, 4]
+    assert [row["model_epochs"] > 0 for row in run.rows] == [True] * 3
+    assert all(np.isfinite(row["rollout_reward"]) and row["rollout_reward"] < 0 for row in run.rows[1:])
+    assert int(result.model_pool.size) > 0 and not bool(jnp.any(result.model_pool.data.done))
+    # r_hat is SYSTEM's reward about where the mass has been
+    rng = np.random.default_rng(1)
+    states = jnp.asarray(np.c_[rng.normal(2.0, 0.3, 256), rng.normal(0.0, 0.3, 256)], jnp.float32)
+    actions = jnp.asarray(rng.uniform(-1, 1, size=(256, 1)), jnp.float32)
+    true_reward = -jax.vmap(SYSTEM.cost)(states, actions, jnp.zeros(256, int))
+    error = jax.vmap(result.task.reward)(states, actions) - true_reward
+    assert float(jnp.sqrt(jnp.mean(error ** 2))) < 0.2 * float(jnp.std(true_reward))
+
+
+def test_a_gymnasium_run_cut_off_resumes_with_its_learned_task(tmp_path):
+    from tests.agents.resume import cut_run_folder, without_timing
+
+    config = mbpo.Config(**{**SMALL, "episodes": 3, "reward_hidden": 32, "reward_steps": 300})  # as above
+    full_run = MemoryRun()
+    full = mbpo.train(config, PointMassEnv(), jax.random.key(4), full_run)
+    with pytest.raises(KeyboardInterrupt):  # killed after episode 1's checkpoint
+        mbpo.train(config, PointMassEnv(), jax.random.key(4), cut_run_folder(tmp_path, stop=2))
+    resumed_run = cut_run_folder(tmp_path)
+    resumed = mbpo.train(config, PointMassEnv(), jax.random.key(4), resumed_run)
+    from forethought.experiment.run import read_metrics
+
+    rows = read_metrics(tmp_path)
+    assert len(rows["episode"]) == 3
+    for column in ("return", "critic_loss", "rollout_reward", "model_pool"):
+        np.testing.assert_array_equal(rows[column], [r[column] for r in without_timing(full_run.rows)],
+                                      err_msg=column)
+    leaves = lambda t: jax.tree.leaves(eqx.filter(t, eqx.is_array))  # noqa: E731
+    assert all(np.array_equal(p, q) for p, q in zip(leaves(full.task), leaves(resumed.task)))
+
+
+def test_every_refit_task_reaches_the_rollouts_without_recompiling(monkeypatch):
+    """Each refit of the learned task makes its reward the constant 10 x (fits so far): each
+    episode's rollouts earn the latest one, and the rollout-and-update call is traced once."""
+    real_fit, fits = LearnedTask.fit, []
+
+    def constant_fit(self, *args, **kwargs):
+        task = real_fit(self, *args, **kwargs)
+        fits.append(10.0 * (len(fits) + 1))  # r_hat = net * std + mean = the constant
+        return eqx.tree_at(lambda t: (t.reward_norm.mean, t.reward_norm.std), task,
+                           (jnp.full((1,), fits[-1], jnp.float32), jnp.zeros((1,), jnp.float32)))
+
+    traces, real_rollouts = [], mbpo.model_rollouts
+
+    def counted_rollouts(*args, **kwargs):
+        traces.append(1)
+        return real_rollouts(*args, **kwargs)
+
+    monkeypatch.setattr(LearnedTask, "fit", constant_fit)
+    monkeypatch.setattr(mbpo, "model_rollouts", counted_rollouts)
+    run = MemoryRun()
+    config = mbpo.Config(**{**SMALL, "episodes": 4, "rollouts_per_step": 3, "model_retain_steps": 30,
+                            "reward_hidden": 8, "reward_steps": 5, "model_max_epochs": 3})
+    result = mbpo.train(config, PointMassEnv(), jax.random.key(2), run)
+    assert fits == [10.0, 20.0, 30.0, 40.0]  # a fit after every episode (F = one episode)
+    # episode 0 is the warm-up (no updates); each later episode's rollouts follow the fit before it
+    assert np.isnan(run.rows[0]["rollout_reward"])
+    assert [row["rollout_reward"] for row in run.rows[1:]] == [20.0, 30.0, 40.0]
+    assert len(traces) == 1
+    pool = result.model_pool
+    assert int(pool.size) == 90 and bool(jnp.all(pool.data.reward[:90] == 40.0))  # D_model: the last call's
+
+
+def test_inverted_pendulum_ends_are_learned_from_the_warm_up():
+    """`gym:InvertedPendulum-v5` (MuJoCo): random warm-up episodes fall over within a few steps;
+    the learned end fires for a pole past the 0.2 rad limit, not for an upright one."""
+    pytest.importorskip("mujoco")
+    from forethought.systems.gym import make_env
+
+    config = mbpo.Config(**{**SMALL, "episodes": 20, "random_steps": 40, "model_train_every": 40,
+                            "update_every": 20, "model_retain_steps": 40, "reward_hidden": 32,
+                            "reward_steps": 400})
+    run = MemoryRun()
+    result = mbpo.train(config, make_env("gym:InvertedPendulum-v5"), jax.random.key(0), run)
+    assert sum(row["model_epochs"] > 0 for row in run.rows) >= 2, run.rows[-1]["env_steps"]
+    task = result.task
+    assert bool(task.seen_ends)
+    upright, fallen = jnp.zeros(4), jnp.asarray([0.0, 0.4, 0.0, 0.0])  # [cart, pole angle, velocities]
+    assert float(task.end_probability(upright)) < 0.2 and float(task.end_probability(fallen)) > 0.8
+    rewards = [row["rollout_reward"] for row in run.rows if row["rollout_reward"] == row["rollout_reward"]]
+    assert rewards and all(0.3 < r < 1.1 for r in rewards), rewards  # 1 per step the pole stays up
+
+
+def test_unsupported_envs_are_refused_clearly():
     import gymnasium
 
-    with pytest.raises(ForethoughtError, match="built-in system"):
-        mbpo.train(mbpo.Config(**SMALL), gymnasium.make("Pendulum-v1"), jax.random.key(0))
+    from forethought.agents import model_value
+
+    with pytest.raises(ForethoughtError, match="flat Box observation and action spaces; its action space is Discrete"):
+        mbpo.train(mbpo.Config(**SMALL), gymnasium.make("CartPole-v1"), jax.random.key(0))
+    with pytest.raises(ForethoughtError, match="Pendulum-v1 has none.*only mbpo learns a reward model"):
+        model_value.train_mve(model_value.MVEConfig(**SMALL), gymnasium.make("Pendulum-v1"), jax.random.key(0))
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -23,13 +23,32 @@ per-step loop, as in the `sac` agent. The rollout length k grows linearly from
 `rollout_length_start` at episode `rollout_schedule_start` to `rollout_length_end` at episode
 `rollout_schedule_end` (MBPO's `[a, b, k_a, k_b]` schedule, in episodes).
 
-Rewards of model rollouts come from the built-in system's true cost, `r = -cost(s, a, 0)` (the
-built-in costs do not depend on time), and rollouts end where `system.is_terminal` says the task
-ends; only the dynamics are learned. Gymnasium envs without a built-in cost are refused: a learned
-reward head is future work. A rollout step whose prediction is not finite is dropped, with the
-rest of its rollout.
+On a built-in system, rewards of model rollouts come from the system's true cost,
+`r = -cost(s, a, 0)` (the built-in costs do not depend on time), and rollouts end where
+`system.is_terminal` says the task ends; only the dynamics are learned.
+
+A Gymnasium env (`--env gym:InvertedPendulum-v5`, flat Box spaces, bounded actions) has no known
+cost: MBPO then also learns the task, as the MPC agents do (`models.reward.LearnedTask`): a reward
+MLP `r_hat(s, a)` and an end classifier `p_hat(done | s')`, refit on all of D_env (warm-started)
+whenever the dynamics are (line 3). A model rollout step earns `r_hat(s, a)` and ends with
+probability `p_hat(done | s')`: `done` is drawn from that Bernoulli, not thresholded at 0.5. The
+rollouts are then samples of the learned MDP, ends included, as their states are samples of the
+learned dynamics (TS1 and the predicted noise), and SAC's soft TD target `r + gamma (1 - done) V(s')`
+is right in expectation over the draw, `r + gamma (1 - p_hat) V(s')`; a threshold would instead
+bootstrap fully through every state the classifier puts just under 0.5 and never through those
+just over it (the MPC agents' `learned_ends="expected"` default weighs costs by the same
+probability). The classifier weighs its two classes equally (`LearnedTask.fit`), so where they
+overlap `p_hat` leans towards ending; where the end is a function of s', as in InvertedPendulum,
+they barely do. Until an episode in D_env has ended by termination, no rollout ends. The task is an
+argument of the jitted rollout-and-update call (a pytree of arrays, not a closure), so a refit
+does not recompile it. MVE, SVG and BPTT reuse this module's env check and still refuse such envs:
+their loop does not fit a reward model yet.
+
+A rollout step whose prediction (state or reward) is not finite is dropped, with the rest of its
+rollout.
 
     forethought run mbpo --env pendulum
+    forethought run mbpo --env gym:InvertedPendulum-v5
 """
 
 from __future__ import annotations
@@ -48,6 +67,7 @@ from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_k
                                      run_episode, save_buffer)
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec
+from forethought.models.reward import LearnedTask, RewardTrainConfig
 from forethought.models.train import TrainConfig, fit
 from forethought.rl import sac
 from forethought.rl.buffer import ReplayBuffer
@@ -100,13 +120,20 @@ class Config(sac_agent.Config):
     """Most epochs per model fit (early stopping usually ends sooner)."""
     model_patience: int = 5
     """Epochs without a 1% held-out improvement before a model fit stops."""
+    reward_hidden: int = 200
+    """Gymnasium envs: units per hidden layer of the learned reward and end networks."""
+    reward_layers: int = 2
+    """Gymnasium envs: hidden layers of the learned reward and end networks."""
+    reward_steps: int = 1000
+    """Gymnasium envs: Adam steps per fit of the learned reward and end networks."""
 
     def __post_init__(self):
         super().__post_init__()
         checks = {"rollouts_per_step": 1, "rollout_length_start": 1, "rollout_length_end": 1,
                   "rollout_schedule_start": 0, "rollout_schedule_end": 0, "model_retain_steps": 1,
                   "model_train_every": 1, "members": 1, "elites": 1, "model_hidden": 1, "model_layers": 1,
-                  "model_batch_size": 1, "model_max_epochs": 1, "model_patience": 1}
+                  "model_batch_size": 1, "model_max_epochs": 1, "model_patience": 1,
+                  "reward_hidden": 1, "reward_layers": 1, "reward_steps": 1}
         for name, minimum in checks.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -149,6 +176,10 @@ class Result:
     model: Ensemble
     policy: Callable[[np.ndarray, int], np.ndarray]
     """`policy(observation, t) -> action`: the final actor's deterministic action."""
+    task: LearnedTask | None = None
+    """The learned reward and end (Gymnasium envs), as last fit; None on a built-in system."""
+    model_pool: sac.Pool | None = None
+    """D_model at the end."""
 
 
 def model_rollouts(spec: sac.SACSpec, system, model: Ensemble, actor: sac.Actor, starts: jax.Array,
@@ -156,23 +187,37 @@ def model_rollouts(spec: sac.SACSpec, system, model: Ensemble, actor: sac.Actor,
     """k-step rollouts of `pi_phi` through `model` from `starts [B, n]` (lines 7-8 of Algorithm 2).
 
     Each step samples `a ~ pi_phi(. | s)`, moves every rollout with a random elite member and its
-    predicted noise (TS1: `model.as_dynamics(..., propagation="ts1")`), takes the reward
-    `-system.cost(s, a, 0)` and the end `system.is_terminal(s')`. Returns the transitions
-    `[k * B]` (step-major) and `valid [k * B]`: false after a rollout has ended or when a
-    prediction is not finite."""
+    predicted noise (TS1: `model.as_dynamics(..., propagation="ts1")`) and takes the task's reward
+    and end: for a built-in `system`, `-system.cost(s, a, 0)` and `system.is_terminal(s')`; for a
+    `LearnedTask`, `system.reward(s, a)` and an end drawn with probability
+    `system.end_probability(s')` (the module docstring). Returns the transitions `[k * B]`
+    (step-major) and `valid [k * B]`: false after a rollout has ended or when a prediction is not
+    finite."""
     B = starts.shape[0]
     dynamics = model.as_dynamics(jax.random.fold_in(key, 0), particles=B, propagation="ts1")
-    action_key = jax.random.fold_in(key, 1)
-    cost = jax.vmap(system.cost, in_axes=(0, 0, None))
+    action_key, end_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    if isinstance(system, LearnedTask):
+        reward_of = jax.vmap(system.reward)
+        end_probability = jax.vmap(system.end_probability)
+
+        def ends(x_next, t):
+            return jax.random.uniform(jax.random.fold_in(end_key, t), (B,)) < end_probability(x_next)
+    else:
+        cost = jax.vmap(system.cost, in_axes=(0, 0, None))
+        reward_of = lambda x, a: -cost(x, a, 0)  # noqa: E731
+
+        def ends(x_next, t):
+            return jax.vmap(system.is_terminal)(x_next) if system.terminates else jnp.zeros((B,), bool)
 
     def step(carry, t):
         x, alive = carry
         action, _ = sac.policy(spec, actor, x, jax.random.fold_in(action_key, t))
         x_next = dynamics(x, action, t)
-        finite = jnp.all(jnp.isfinite(x_next), axis=-1)
+        reward = reward_of(x, action)
+        finite = jnp.all(jnp.isfinite(x_next), axis=-1) & jnp.isfinite(reward)
         x_next = jnp.where(finite[:, None], x_next, x)
-        reward = -cost(x, action, 0)
-        done = jax.vmap(system.is_terminal)(x_next) if system.terminates else jnp.zeros((B,), bool)
+        reward = jnp.where(finite, reward, 0.0)
+        done = ends(x_next, t)
         valid = alive & finite
         return (x_next, valid & ~done), (sac.Batch(x, action, reward, x_next, done), valid)
 
@@ -183,7 +228,8 @@ def model_rollouts(spec: sac.SACSpec, system, model: Ensemble, actor: sac.Actor,
 @eqx.filter_jit
 def _segment(spec, system, model, learner, real, fake, key, rollouts, k, steps, counts):
     """One batch of lines 6-10: `rollouts` branched k-step rollouts into D_model, then `steps`
-    SAC updates on mixed minibatches."""
+    SAC updates on mixed minibatches. `system` is the built-in system (static) or the current
+    `LearnedTask` (its arrays traced, like the model's: a refit task reuses the compiled call)."""
     start_key, rollout_key, update_key = jax.random.split(key, 3)
     index = jax.random.randint(start_key, (rollouts,), 0, jnp.maximum(real.size, 1))
     batch, valid = model_rollouts(spec, system, model, learner.actor, real.data.obs[index], rollout_key, k)
@@ -195,18 +241,43 @@ def _segment(spec, system, model, learner, real, fake, key, rollouts, k, steps, 
     return learner, fake, metrics
 
 
+def _env_name(env: gymnasium.Env) -> str:
+    return env.spec.id if env.spec else type(env.unwrapped).__name__
+
+
 def _check_env(env: gymnasium.Env):
+    """The built-in system behind `env` (its cost gives the model's rewards); other envs are
+    refused. MVE, SVG and BPTT use this: their loops learn no reward. MBPO uses `_task_for`."""
     system = system_of(env)
     if system is None:
-        raise ForethoughtError("MBPO needs a built-in system's cost for its model rollouts for now (env "
-                               f"{env.spec.id if env.spec else type(env.unwrapped).__name__} has none); "
-                               "a learned reward model is not built yet")
+        raise ForethoughtError("this agent needs a built-in system's cost for the rewards of its model (env "
+                               f"{_env_name(env)} has none); of the agents that learn from model rollouts, only "
+                               "mbpo learns a reward model for Gymnasium envs so far")
     return system
+
+
+def _task_for(env: gymnasium.Env, config: Config, key: jax.Array):
+    """What model rollouts take rewards and ends from: the built-in system behind `env`, or a
+    fresh `LearnedTask` for a Gymnasium env with flat Box spaces and bounded actions."""
+    system = system_of(env)
+    if system is not None:
+        return system
+    name = _env_name(env)
+    for what, space in (("observation", env.observation_space), ("action", env.action_space)):
+        if not isinstance(space, gymnasium.spaces.Box) or len(space.shape) != 1:
+            raise ForethoughtError(f"env {name}: MBPO supports flat Box observation and action spaces; its "
+                                   f"{what} space is {space}")
+    if not (np.all(np.isfinite(env.action_space.low)) and np.all(np.isfinite(env.action_space.high))):
+        raise ForethoughtError(f"env {name}: the action space must be bounded, got {env.action_space}")
+    return LearnedTask.create(env.observation_space.shape[0], env.action_space.low, env.action_space.high, key,
+                              hidden=config.reward_hidden, layers=config.reward_layers)
 
 
 def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | None = None) -> Result:
     run = run or MemoryRun()
-    system = _check_env(env)
+    system = _task_for(env, config, jax.random.fold_in(key, 9))
+    learned = isinstance(system, LearnedTask)
+    reward_config = RewardTrainConfig(steps=config.reward_steps)
     spec = sac_agent.spec_for(config, env)
     n, m = spec.obs_dim, spec.action_dim
     model_spec = EnsembleSpec(n, m, members=config.members, hidden=config.model_hidden, layers=config.model_layers,
@@ -224,11 +295,14 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     counters = {"episode": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
                 "pending": np.int64(0), "updates": np.int64(0), "last_fit": np.int64(-1)}
     like = {"state": counters, "sac": learner, "model": model, "model_pool": fake}
+    if learned:  # a built-in system's checkpoints keep their old contents
+        like["task"] = system
     returns: list[float] = []
     restored = run.load_checkpoint(like)
     if restored is not None:
         saved, meta = restored
         counters, learner, model, fake = saved["state"], saved["sac"], saved["model"], saved["model_pool"]
+        system = saved.get("task", system)
         returns = list(meta.get("returns", []))
         buffer = restore_buffer(run, meta, buffer)
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
@@ -257,6 +331,9 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                 model, report = fit(model, data.obs, data.action, data.next_obs, jax.random.fold_in(ep_key, 3),
                                     train_config)
                 model_epochs, holdout, last_fit = report.epochs, report.holdout_loss[-1], env_steps
+                if learned:
+                    system = system.fit(data.obs, data.action, data.reward, data.next_obs, data.terminated,
+                                        jax.random.fold_in(ep_key, 4), reward_config)
 
             # lines 6-10, batched
             k = config.rollout_length(episode)
@@ -283,8 +360,11 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                         "elapsed": np.float64(clock.elapsed), "pending": np.int64(pending),
                         "updates": np.int64(updates), "last_fit": np.int64(last_fit)}
             save_buffer(run, buffer)
-            run.save_checkpoint({"state": counters, "sac": learner, "model": model, "model_pool": fake},
-                                episode=episode + 1, returns=returns, buffer_transitions=len(buffer))
+            saved = {"state": counters, "sac": learner, "model": model, "model_pool": fake}
+            if learned:
+                saved["task"] = system
+            run.save_checkpoint(saved, episode=episode + 1, returns=returns, buffer_transitions=len(buffer))
     finally:
         run.close_progress()
-    return Result(returns, env_steps, learner, model, sac_agent.greedy_policy(spec, learner.actor))
+    return Result(returns, env_steps, learner, model, sac_agent.greedy_policy(spec, learner.actor),
+                  system if learned else None, fake)

@@ -38,7 +38,8 @@ elite `p % elites` for its whole length, adding that member's predicted noise at
 starts and policy noise are drawn independently per rollout, so this is a random, evenly spread
 choice of member per rollout. A step whose prediction is not finite ends its rollout (it and
 the steps after it are masked out). Only built-in systems are accepted: the reward is their true
-cost, and only the dynamics are learned (a learned reward is future work, as in `mbpo`).
+cost, and only the dynamics are learned (`mbpo` learns a reward and an end for Gymnasium envs;
+this agent does not yet).
 
 Measured on the pendulum (`forethought bench mbpo --agents ppo-model --episodes ppo-model=20
 --seeds 0,1`, default settings, shared 2-core CPU): the training return's trailing 3-episode mean
