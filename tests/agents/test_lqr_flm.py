@@ -3,6 +3,7 @@ optimum; every update respects its KL bound; a cut-off run resumes to the same n
 cannot handle is refused clearly."""
 
 import jax
+import numpy as np
 import pytest
 
 from forethought import systems
@@ -21,8 +22,12 @@ def test_exact_linear_dynamics_reach_the_lqr_optimum_and_stay():
     # the reference is iLQR on the true model, which on a linear-quadratic problem is LQR
     result = lqr_flm.train(lqr_flm.Config(episodes=6, kl_step=2.0, **LINEAR), SystemEnv(SYSTEM),
                            jax.random.key(0))
+    assert result.costs[0] == pytest.approx(result.reference_cost, rel=1e-4), result.costs
+    # and stays: measured drift up to 8e-4 by iteration 6. With the prior on the data's own spread
+    # (`local_prior`), the fit's absolute ridge (1e-6) shrinks the slopes once the controller's
+    # noise variance has fallen toward it; GPS's wide prior hid that
     for cost in result.costs:
-        assert cost == pytest.approx(result.reference_cost, rel=1e-4), result.costs
+        assert cost == pytest.approx(result.reference_cost, rel=2e-3), result.costs
     # plain linear regression on the first five noisy rollouts identifies the system exactly too
     # (later ones, from a controller whose noise has all but vanished, no longer span [x, u]:
     # that is what the prior is for)
@@ -64,3 +69,79 @@ def test_unsupported_envs_and_configs_are_refused():
         lqr_flm.Config(kl_step=0.0)
     with pytest.raises(ForethoughtError, match="rollouts >= 2"):
         lqr_flm.Config(prior="none", rollouts=1)
+
+
+# ----- the fit LQR-FLM uses: rollout weights and the local prior (models/linear_gaussian.py) -----
+
+def _narrow_rollouts(A, B, c, N, scale, seed, noise=1e-3):
+    """`N` rollouts of `x' = A_t x + B_t u + c_t + w` whose starts and actions have standard
+    deviation `scale` about fixed means: a converged controller's few, close rollouts."""
+    rng = np.random.default_rng(seed)
+    horizon, n, m = B.shape
+    X = np.zeros((N, horizon + 1, n))
+    U = 0.5 + scale * rng.normal(size=(N, horizon, m))
+    X[:, 0] = 1.0 + scale * rng.normal(size=(N, n))
+    for t in range(horizon):
+        X[:, t + 1] = X[:, t] @ A[t].T + U[:, t] @ B[t].T + c[t] + noise * rng.normal(size=(N, n))
+    return X, U
+
+
+def _wide_prior(F, horizon, n, spread=10.0, noise=0.01):
+    """An `NIWPrior` (strength 1) whose joint Gaussian has slope `F [n, n+m]`, z-covariance
+    `spread I` about zero and noise `noise I`: a GMM cluster's secant over a wide region."""
+    from forethought.models.linear_gaussian import NIWPrior
+
+    k = F.shape[1]
+    S_zz = spread * np.eye(k)
+    Sigma = np.block([[S_zz, S_zz @ F.T], [F @ S_zz, F @ S_zz @ F.T + noise * np.eye(n)]])
+    d = k + n
+    return NIWPrior(mu0=np.zeros((horizon, d)), Phi=np.tile(Sigma, (horizon, 1, 1)),
+                    kappa=np.ones(horizon), n0=np.ones(horizon))
+
+
+def test_weights_count_as_repeated_rollouts():
+    from forethought.models.linear_gaussian import fit_linear_gaussian
+    from tests.models.test_linear_gaussian import rollouts, time_varying_system
+
+    A, B, c = time_varying_system(3, 2, 8, seed=1)
+    X, U = (np.float64(a) for a in rollouts(A, B, c, 6, seed=2))
+    repeat = np.array([1, 2, 1, 3, 1, 1])
+    X_rep, U_rep = np.repeat(X, repeat, axis=0), np.repeat(U, repeat, axis=0)
+    prior = _wide_prior(np.concatenate([A[0], B[0]], axis=1) + 0.2, 8, 3)
+    with jax.enable_x64(True):
+        for p in (None, prior):
+            weighted = fit_linear_gaussian(X, U, prior=p, weights=repeat.astype(float))
+            repeated = fit_linear_gaussian(X_rep, U_rep, prior=p)
+            for name in ("A", "B", "c", "N"):
+                np.testing.assert_allclose(getattr(weighted, name), getattr(repeated, name), rtol=1e-6,
+                                           atol=1e-9)
+    with pytest.raises(ForethoughtError, match="weights must have shape"):
+        fit_linear_gaussian(X, U, weights=np.ones(5))
+    with pytest.raises(ForethoughtError, match="weights must be finite and > 0"):
+        fit_linear_gaussian(X, U, weights=np.array([1.0, 0, 1, 1, 1, 1]))
+
+
+def test_local_prior_keeps_a_wide_prior_from_outweighing_close_rollouts():
+    """The cause of LQR-FLM's cart-pole stalls, on a linear system: 20 close rollouts and a
+    strength-1 prior whose slope is wrong. The prior's covariance as it is, a wide region's,
+    outweighs the data; on the data's own spread it counts as the one rollout it claims to be.
+    Its conditional is kept: with a strength far above the data it is what the fit returns."""
+    from forethought.models.linear_gaussian import fit_linear_gaussian, local_prior
+    from tests.models.test_linear_gaussian import parameter_error, time_varying_system
+
+    horizon, n, m = 8, 3, 2
+    A, B, c = time_varying_system(n, m, horizon, seed=3)
+    X, U = _narrow_rollouts(A, B, c, 20, scale=0.05, seed=4)
+    F_wrong = np.concatenate([A[0], B[0]], axis=1) + 0.3
+    prior = _wide_prior(F_wrong, horizon, n)
+    with jax.enable_x64(True):
+        as_is = parameter_error(fit_linear_gaussian(X, U, prior=prior), A, B)
+        local = parameter_error(fit_linear_gaussian(X, U, prior=local_prior(prior, X, U)), A, B)
+        strong = type(prior)(mu0=prior.mu0, Phi=1e6 * prior.Phi, kappa=1e6 * prior.kappa, n0=1e6 * prior.n0)
+        trusted = fit_linear_gaussian(X, U, prior=local_prior(strong, X, U))
+    # measured: 1.27 as it is, 0.073 on the data's spread (the prior's own slope is off by 1.35)
+    assert local < 0.1 * as_is
+    # the fit's ridge (1e-6) against the rollouts' variance (0.05^2) shrinks slopes by 4e-4
+    np.testing.assert_allclose(np.asarray(trusted.F), np.broadcast_to(F_wrong, trusted.F.shape), atol=5e-3)
+    with pytest.raises(ForethoughtError, match="spread must be"):
+        local_prior(prior, X, U, spread=-1.0)
