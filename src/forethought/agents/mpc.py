@@ -423,8 +423,10 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                 policy = _mpc_policy(planner, seed.model, seed.task, ep_key, f"episode {episode}", seed.value)
             row = seed.add(run_episode(env, policy, episode_seed(key, episode)))
             report = None
-            data = seed.buffer.all()
-            if seed.value is not None and config.random_episodes <= episode + 1 < config.episodes:
+            refit_value = seed.value is not None and config.random_episodes <= episode + 1 < config.episodes
+            if refit_value or seed.refits(config):
+                data = seed.buffer.all()
+            if refit_value:
                 seed.value = seed.value.fit(data.obs, data.reward, data.next_obs, data.terminated,
                                             jax.random.fold_in(ep_key, 6), ValueTrainConfig())
             if seed.refits(config):

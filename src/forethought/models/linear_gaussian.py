@@ -493,15 +493,9 @@ def local_prior(prior: NIWPrior, X, U, *, weights=None, spread: float = 0.1,
         raise ForethoughtError(f"{where}: spread must be a finite number >= 0, got {spread!r}")
     if not ridge >= 0:
         raise ForethoughtError(f"{where}: ridge must be >= 0, got {ridge}")
-    d = 2 * n + m
-    for name, shape in {"mu0": (T, d), "Phi": (T, d, d), "kappa": (T,), "n0": (T,)}.items():
-        got = tuple(np.shape(getattr(prior, name)))
-        if got != shape:
-            raise ForethoughtError(f"{where}: prior.{name} must have shape {shape} (T={T}, "
-                                   f"d=2n+m={d} from X and U), got {got}")
     dtype = jnp.result_type(X, U)
+    prior = _check_prior(prior, T, n, m, where, dtype)
     weights = _check_weights(weights, N, where, dtype)
-    prior = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), prior)
     return _local_prior(prior, jnp.asarray(X, dtype), jnp.asarray(U, dtype), weights,
                         jnp.asarray(spread, dtype), jnp.asarray(ridge, dtype))
 
@@ -558,14 +552,7 @@ def fit_linear_gaussian(X, U, *, prior: NIWPrior | None = None, ridge: float = 1
     dtype = jnp.result_type(X, U)
     weights = _check_weights(weights, N, where, dtype)
     if prior is not None:
-        d = 2 * n + m
-        expected = {"mu0": (T, d), "Phi": (T, d, d), "kappa": (T,), "n0": (T,)}
-        for name, shape in expected.items():
-            got = tuple(np.shape(getattr(prior, name)))
-            if got != shape:
-                raise ForethoughtError(f"{where}: prior.{name} must have shape {shape} (T={T}, "
-                                       f"d=2n+m={d} from X and U), got {got}")
-        prior = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), prior)
+        prior = _check_prior(prior, T, n, m, where, dtype)
     model = _fit(jnp.asarray(X, dtype), jnp.asarray(U, dtype), prior, jnp.asarray(ridge, dtype),
                  weights)
     if _concrete(model.A) and not bool(jnp.all(jnp.isfinite(model.F))
@@ -644,6 +631,18 @@ def _check_rollouts(X, U, where):
     _check_float_finite(X, "X", where)
     _check_float_finite(U, "U", where)
     return N, T1 - 1, n, m
+
+
+def _check_prior(prior: NIWPrior, T: int, n: int, m: int, where: str, dtype) -> NIWPrior:
+    """`prior` cast to `dtype`, or a `ForethoughtError` naming the field whose shape does not fit
+    rollouts of `T` steps, `n` states and `m` actions."""
+    d = 2 * n + m
+    for name, shape in {"mu0": (T, d), "Phi": (T, d, d), "kappa": (T,), "n0": (T,)}.items():
+        got = tuple(np.shape(getattr(prior, name)))
+        if got != shape:
+            raise ForethoughtError(f"{where}: prior.{name} must have shape {shape} (T={T}, "
+                                   f"d=2n+m={d} from X and U), got {got}")
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), prior)
 
 
 def _check_weights(weights, N, where, dtype):
