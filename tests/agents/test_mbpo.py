@@ -15,6 +15,7 @@ from forethought.models.ensemble import Ensemble, EnsembleSpec
 from forethought.models.reward import LearnedTask
 from forethought.rl import sac
 from forethought.systems.gym import SystemEnv
+from tests.agents.plain_env import point_mass_env
 
 SYSTEM = systems.make("double-integrator", start_position=2.0, init_std=0.2, horizon=30)
 SMALL = dict(random_steps=30, update_every=30, updates_per_step=10, hidden=32, batch_size=64, actor_lr=3e-3,
@@ -95,31 +96,14 @@ def test_the_rollout_length_schedule_is_linear_in_episodes():
     assert mbpo.Config(batch_size=200, real_ratio=0.05).batch_counts() == (10, 190)
 
 
-class PointMassEnv:
+def PointMassEnv():
     """The point mass of `SYSTEM` as a plain Gymnasium env: no built-in system behind it (so no
     known cost), reward `-(x^2 + 0.1 v^2)` as `SYSTEM`'s, and the episode ends (terminated) if the
     mass leaves [-4, 4]."""
-
-    def __new__(cls):
-        import gymnasium
-
-        class Env(gymnasium.Env):
-            observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-            action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-            def reset(self, *, seed=None, options=None):
-                super().reset(seed=seed)
-                self.x, self.t = np.array([2.0, 0.0]) + 0.2 * self.np_random.standard_normal(2), 0
-                return self.x.astype(np.float32), {}
-
-            def step(self, action):
-                x, u = self.x, float(np.clip(action, -1, 1)[0])
-                reward = -float(SYSTEM.cost(jnp.asarray(x, jnp.float32), jnp.asarray([u]), self.t))
-                self.x = np.asarray(SYSTEM.dynamics(jnp.asarray(x, jnp.float32), jnp.asarray([u]), self.t))
-                self.t += 1
-                return self.x.astype(np.float32), reward, bool(abs(self.x[0]) > 4), self.t >= SYSTEM.horizon, {}
-
-        return Env()
+    return point_mass_env(
+        lambda x, u, t: np.asarray(SYSTEM.dynamics(jnp.asarray(x, jnp.float32), jnp.asarray([u]), t)),
+        lambda x, u, t: -float(SYSTEM.cost(jnp.asarray(x, jnp.float32), jnp.asarray([u]), t)),
+        horizon=SYSTEM.horizon)
 
 
 def constant_logit(net, value):

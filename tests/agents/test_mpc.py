@@ -10,6 +10,7 @@ from forethought import systems
 from forethought.agents import mpc
 from forethought.agents.base import MemoryRun
 from forethought.experiment.run import read_metrics
+from tests.agents.plain_env import point_mass_env
 from tests.agents.resume import cut_run_folder, without_timing
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec
@@ -91,30 +92,11 @@ def test_the_planner_sees_only_the_model():
     assert cost_wrong > cost_nothing
 
 
-class PointMassEnv:
+def PointMassEnv():
     """The double integrator as a plain Gymnasium env: no built-in system behind it, reward
     `-(x^2 + 0.1 v^2)`, and the episode ends (terminated) if the mass leaves [-4, 4]."""
-
-    def __new__(cls):
-        import gymnasium
-
-        class Env(gymnasium.Env):
-            observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-            action_space = gymnasium.spaces.Box(-1.0, 1.0, (1,), np.float32)
-
-            def reset(self, *, seed=None, options=None):
-                super().reset(seed=seed)
-                self.x, self.t = np.array([2.0, 0.0]) + 0.2 * self.np_random.standard_normal(2), 0
-                return self.x.astype(np.float32), {}
-
-            def step(self, action):
-                u = float(np.clip(action, -1, 1)[0])
-                reward = -(self.x[0] ** 2 + 0.1 * self.x[1] ** 2)
-                self.x = np.array([self.x[0] + 0.1 * self.x[1], self.x[1] + 0.1 * u])
-                self.t += 1
-                return self.x.astype(np.float32), reward, bool(abs(self.x[0]) > 4), self.t >= 30, {}
-
-        return Env()
+    return point_mass_env(lambda x, u, t: np.array([x[0] + 0.1 * x[1], x[1] + 0.1 * u]),
+                          lambda x, u, t: -(x[0] ** 2 + 0.1 * x[1] ** 2), horizon=30)
 
 
 def test_a_gymnasium_env_is_solved_with_a_learned_reward():
