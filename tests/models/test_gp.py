@@ -250,3 +250,68 @@ def test_padding_to_a_capacity_changes_nothing_but_the_shapes():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-10)  # hyperparameters agree to ~1e-6
     with pytest.raises(ForethoughtError, match="capacity"):
         GP.fit_dynamics(x, u, nx, key, FAST, angles=(0,), capacity=10)
+
+
+# ----- FITC (GP.sparse) -------------------------------------------------------------------------------
+
+def fitc_reference(Xn, Yn, Z, ell, sf2, noise, jitter):
+    """FITC's predictive mean and latent variance by the textbook formulas (Snelson and
+    Ghahramani 2006), plain numpy."""
+    Kuu = se_kernel(Z, Z, ell, sf2) + jitter * sf2 * np.eye(len(Z))
+    Kuf = se_kernel(Z, Xn, ell, sf2)
+    Q = Kuf.T @ np.linalg.solve(Kuu, Kuf)
+    lam = sf2 - np.diag(Q) + noise
+    Sigma = Kuu + (Kuf / lam) @ Kuf.T
+    beta = np.linalg.solve(Sigma, Kuf @ (Yn / lam))
+    iK = np.linalg.inv(Kuu) - np.linalg.inv(Sigma)
+    return beta, iK
+
+
+def test_sparse_gp_is_fitc_on_farthest_points_and_moment_matches_its_own_predictions():
+    X, Y = toy_data(n=120)
+    gp = GP.from_hyperparameters(X, Y, ELL, SF2, SN2, jitter=1e-6, normalise=True)
+    sparse = gp.sparse(30)
+    assert sparse.X.shape == (30, 3) and sparse.spec.sparse and gp.sparse(500) is gp
+    # the inducing inputs are data points, spread out: no two closer than the typical spacing
+    Xn = np.asarray(gp.X)
+    assert all(np.min(np.sum((Xn - z) ** 2, 1)) < 1e-20 for z in np.asarray(sparse.X))
+    xs = np.random.default_rng(3).normal(size=(9, 3))
+    mean, var = sparse.predict(xs)
+    zs = (xs - X.mean(0)) / X.std(0)
+    for a in range(2):
+        noise = SN2[a] + 1e-6 * SF2[a]
+        beta, iK = fitc_reference(Xn, np.asarray(gp.Y)[:, a], np.asarray(sparse.X), ELL[a], SF2[a], noise, 1e-6)
+        k = se_kernel(zs, np.asarray(sparse.X), ELL[a], SF2[a])
+        np.testing.assert_allclose(mean[:, a], (k @ beta) * Y[:, a].std() + Y[:, a].mean(), atol=1e-6)
+        latent = SF2[a] - np.sum((k @ iK) * k, 1)
+        np.testing.assert_allclose(var[:, a], latent * Y[:, a].std() ** 2, atol=1e-6)
+    # the approximation closes on the exact GP as the inducing points grow
+    exact_mean = np.asarray(gp.predict(X)[0])
+    rmse = [np.sqrt(np.mean((np.asarray(gp.sparse(k).predict(X)[0]) - exact_mean) ** 2, 0)) / Y.std(0)
+            for k in (30, 60, 90)]
+    assert np.all(rmse[2] < rmse[1]) and np.all(rmse[1] < rmse[0]) and np.all(rmse[1] < 0.1), rmse
+    # moment matching runs unchanged on it and matches Monte Carlo of its own predictions
+    rng = np.random.default_rng(4)
+    m, S = np.array([0.3, -0.5, 0.2]), 0.2 * np.eye(3)
+    M, S_out, _ = sparse.moment_match(m, S)
+    x = rng.multivariate_normal(m, S, size=100_000)
+    mu, v = (np.asarray(a) for a in eqx.filter_jit(lambda g, x: g.predict(x))(sparse, x))
+    se = mu.std(0) / np.sqrt(len(x))
+    assert np.all(np.abs(M - mu.mean(0)) < 4 * se)
+    np.testing.assert_allclose(np.diag(S_out), mu.var(0) + v.mean(0), rtol=0.02)
+    with pytest.raises(ForethoughtError, match="sparse approximation"):
+        sparse.log_marginal_likelihood()
+    with pytest.raises(ForethoughtError, match="inducing must be >= 1, got 0"):
+        gp.sparse(0)
+
+
+def test_sparse_gp_of_a_padded_gp_ignores_the_padding():
+    x, u, nx = pendulum_transitions(100, 1)
+    quick = GPConfig(optimizer="adam", restarts=1, steps=50)
+    gp = GP.fit_dynamics(x, u, nx, jax.random.key(0), quick, angles=(0,))
+    padded = GP.fit_dynamics(x, u, nx, jax.random.key(0), quick, angles=(0,), capacity=128)
+    a, b = gp.sparse(40), padded.sparse(40)
+    np.testing.assert_allclose(np.asarray(a.X), np.asarray(b.X), atol=1e-10)
+    xs = np.random.default_rng(5).normal(size=(6, 4))
+    for p, q in zip(a.predict(xs), b.predict(xs)):
+        np.testing.assert_allclose(p, q, atol=1e-6)

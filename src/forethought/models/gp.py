@@ -121,6 +121,8 @@ class GPSpec:
     """Set for dynamics GPs (`GP.fit_dynamics`): inputs `[state_features(s), u]`, targets `s' - s`."""
     action_dim: int | None = None
     angles: tuple[int, ...] = ()
+    sparse: bool = False
+    """Built by `GP.sparse`: `X` holds inducing inputs and `beta`, `iK` are FITC's (`L` unused)."""
 
 
 # ----- the kernel and the likelihood, in normalised units, one output dimension -------------------
@@ -413,6 +415,9 @@ class GP(eqx.Module):
     def log_marginal_likelihood(self) -> jax.Array:
         """`log p(y_a | X)` per output `[d]`, of the normalised targets (add `-N log std_a` for the
         targets' own units)."""
+        if self.spec.sparse:
+            raise ForethoughtError("GP.log_marginal_likelihood: this GP is a sparse approximation "
+                                   "(GP.sparse); take the likelihood of the exact GP it came from")
         y = self.Y.T
         fit_term = 0.5 * jnp.sum(y * self.beta, axis=1)
         log_det = jnp.sum(jnp.log(jnp.diagonal(self.L, axis1=1, axis2=2)), axis=1)
@@ -444,14 +449,47 @@ class GP(eqx.Module):
         return self.target_norm.inverse(mean).reshape(*z.shape[:-1], self.spec.output_dim)
 
     def _predict_one(self, z: jax.Array, noise: bool) -> tuple[jax.Array, jax.Array]:
-        def per_output(log_ell, log_sf2, noise_var, L, beta):
+        def per_output(log_ell, log_sf2, noise_var, L, iK, beta):
             k = jnp.exp(log_sf2 - 0.5 * _scaled_sq_dist(self.X, z[None], log_ell)[:, 0])
-            v = jsl.solve_triangular(L, k, lower=True)
-            var = jnp.maximum(jnp.exp(log_sf2) - v @ v, 0.0)
+            if self.spec.sparse:
+                explained = k @ iK @ k
+            else:
+                v = jsl.solve_triangular(L, k, lower=True)
+                explained = v @ v
+            var = jnp.maximum(jnp.exp(log_sf2) - explained, 0.0)
             return k @ beta, var + (noise_var if noise else 0.0)
 
         return jax.vmap(per_output)(self.log_lengthscale, self.log_signal_var, self._noise(),
-                                    self.L, self.beta)
+                                    self.L, self.iK, self.beta)
+
+    def sparse(self, inducing: int) -> "GP":
+        """The FITC approximation (Snelson and Ghahramani 2006; PILCO's code switches to it past
+        a few hundred points) on `inducing` of the data's own inputs, chosen by farthest-point
+        sampling in normalised input space so that rare regions (the cart-pole upright) keep
+        their points; the hyperparameters stay this GP's. Per output, with `Q = K_fu K_uu^{-1} K_uf`
+        and `Lambda = diag(K_ff - Q) + sigma^2`,
+
+            Sigma = K_uu + K_uf Lambda^{-1} K_fu,   beta = Sigma^{-1} K_uf Lambda^{-1} y,
+            mean = k_u^T beta,   var = alpha^2 - k_u^T (K_uu^{-1} - Sigma^{-1}) k_u,
+
+        so moment matching, prediction and PILCO use it unchanged with `iK = K_uu^{-1} - Sigma^{-1}`
+        and cost `O(inducing^2)` instead of `O(N^2)`. Returns `self` when the data has at most
+        `inducing` points. `log_marginal_likelihood` is refused on the result (not FITC's)."""
+        if inducing < 1:
+            raise ForethoughtError(f"GP.sparse: inducing must be >= 1, got {inducing}")
+        real = np.flatnonzero(np.asarray(self.mask) > 0)
+        if len(real) <= inducing or self.spec.sparse:
+            return self
+        Z = self.X[jnp.asarray(_farthest_points(np.asarray(self.X)[real], inducing, real))]
+        beta, iK = _fitc(Z, self.X, self.Y, self.mask, self.log_lengthscale, self.log_signal_var,
+                         self._noise(), jitter=self.spec.jitter)
+        if not (bool(jnp.all(jnp.isfinite(beta))) and bool(jnp.all(jnp.isfinite(iK)))):
+            raise NumericalFault("GP Cholesky", f"FITC on {inducing} of {len(real)} points",
+                                 "a Cholesky factor of the sparse approximation failed; raise GPConfig.jitter")
+        M = Z.shape[0]
+        return dataclasses.replace(self, X=Z, Y=jnp.zeros((M, self.spec.output_dim), Z.dtype),
+                                   L=jnp.full_like(iK, jnp.nan), iK=iK, beta=beta, mask=jnp.ones(M, Z.dtype),
+                                   spec=dataclasses.replace(self.spec, points=M, sparse=True))
 
     def moment_match(self, m: jax.Array, S: jax.Array, noise: bool = False
                      ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -629,19 +667,64 @@ def se_moments(X: jax.Array, beta: jax.Array, log_ell: jax.Array, log_sf2: jax.A
         _, logdet = jnp.linalg.slogdet(R)
         return jnp.exp(log_k_a[:, None] + log_k_b[None, :] + maha - 0.5 * logdet)
 
-    def second_moment(a_ell, a_k, a_beta, b_ell, b_k, b_beta):
+    # Q_ab = Q_ba: one Q per unordered pair, the d diagonal pairs (which also give the expected
+    # variance's trace) apart from the d(d-1)/2 others
+    def diagonal(ell, k, beta, iK):
+        Q_aa = Q(ell, ell, k, k)
+        trace = jnp.zeros((), m.dtype) if iK is None else jnp.sum(iK * Q_aa)
+        return beta @ Q_aa @ beta, trace
+
+    def off_diagonal(a_ell, a_k, a_beta, b_ell, b_k, b_beta):
         return a_beta @ Q(a_ell, b_ell, a_k, b_k) @ b_beta
 
-    over_b = jax.vmap(second_moment, in_axes=(None, None, None, 0, 0, 0))
-    EfF = jax.vmap(over_b, in_axes=(0, 0, 0, None, None, None))(log_ell, log_k, beta, log_ell, log_k, beta)
+    d = log_ell.shape[0]
+    second, trace = jax.vmap(diagonal, in_axes=(0, 0, 0, None if iK is None else 0))(log_ell, log_k, beta, iK)
+    EfF = jnp.diag(second)
+    if d > 1:
+        a, b = np.triu_indices(d, 1)
+        upper = jax.vmap(off_diagonal)(log_ell[a], log_k[a], beta[a], log_ell[b], log_k[b], beta[b])
+        EfF = EfF.at[a, b].set(upper).at[b, a].set(upper)
     Sf = EfF - jnp.outer(M, M)
-    if iK is not None:
-        def expected_variance(log_ell, lk, log_sf2, iK):
-            """`E_x[var f_a(x)] = alpha_a^2 - tr(K_a^{-1} Q_aa)`."""
-            return jnp.exp(log_sf2) - jnp.sum(iK * Q(log_ell, log_ell, lk, lk))
-
-        Sf = Sf + jnp.diag(jax.vmap(expected_variance)(log_ell, log_k, log_sf2, iK))
+    if iK is not None:  # E_x[var f_a(x)] = alpha_a^2 - tr(K_a^{-1} Q_aa)
+        Sf = Sf + jnp.diag(jnp.exp(log_sf2) - trace)
     return M, (Sf + Sf.T) / 2, V.T
+
+
+def _farthest_points(X: np.ndarray, count: int, index: np.ndarray) -> np.ndarray:
+    """`index` of `count` rows of `X` picked greedily, each the farthest from those picked (the
+    first: the row farthest from the mean)."""
+    chosen = [int(np.argmax(np.sum((X - X.mean(0)) ** 2, 1)))]
+    dist = np.sum((X - X[chosen[0]]) ** 2, 1)
+    for _ in range(count - 1):
+        chosen.append(int(np.argmax(dist)))
+        dist = np.minimum(dist, np.sum((X - X[chosen[-1]]) ** 2, 1))
+    return index[np.asarray(chosen)]
+
+
+@functools.partial(jax.jit, static_argnames=("jitter",))
+def _fitc(Z, X, Y, mask, log_ell, log_sf2, noise, *, jitter):
+    """FITC's `beta [d, M]` and `K_uu^{-1} - Sigma^{-1} [d, M, M]` (`GP.sparse`), through
+    `Sigma = L_uu B L_uu^T`, `B = I + V Lambda^{-1} V^T`, `V = L_uu^{-1} K_uf`, which stays well
+    conditioned when the noise is small."""
+    eye = jnp.eye(Z.shape[0], dtype=Z.dtype)
+
+    def one(y, log_ell, log_sf2, noise):
+        sf2 = jnp.exp(log_sf2)
+        Kuu = sf2 * jnp.exp(-0.5 * _scaled_sq_dist(Z, Z, log_ell)) + jitter * sf2 * eye
+        Kuf = sf2 * jnp.exp(-0.5 * _scaled_sq_dist(Z, X, log_ell)) * mask[None, :]
+        Luu = jnp.linalg.cholesky(Kuu)
+        V = jsl.solve_triangular(Luu, Kuf, lower=True)
+        lam = jnp.maximum(sf2 - jnp.sum(V * V, 0), 0.0) + noise
+        LB = jnp.linalg.cholesky(eye + (V / lam) @ V.T)
+        # beta = L_uu^{-T} B^{-1} V Lambda^{-1} y;  iK = L_uu^{-T} (I - B^{-1}) L_uu^{-1}
+        w = jsl.cho_solve((LB, True), V @ (y * mask / lam))
+        beta = jsl.solve_triangular(Luu.T, w, lower=False)
+        inner = eye - jsl.cho_solve((LB, True), eye)
+        left = jsl.solve_triangular(Luu.T, inner, lower=False)
+        iK = jsl.solve_triangular(Luu.T, left.T, lower=False)
+        return beta, (iK + iK.T) / 2
+
+    return jax.vmap(one)(Y.T, log_ell, log_sf2, noise)
 
 
 @eqx.filter_jit
