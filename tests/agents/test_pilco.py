@@ -16,10 +16,12 @@ SYSTEM = systems.make("double-integrator", start_position=1.0, init_std=0.05, ho
 SMALL = dict(episodes=3, horizon=25, iterations=40, gp_restarts=1, basis=10)
 
 
-@pytest.mark.parametrize("policy", ["linear", "rbf"])
-def test_pilco_drives_the_point_mass_home_within_three_trials(policy):
+@pytest.mark.parametrize("policy,inducing", [("linear", 200), ("rbf", 200), ("linear", 30)])
+def test_pilco_drives_the_point_mass_home_within_three_trials(policy, inducing):
+    """`inducing` 30: the last optimisation predicts with the FITC GP on 30 of its 50 points."""
     run = MemoryRun()
-    result = pilco.train(pilco.Config(policy=policy, **SMALL), SystemEnv(SYSTEM), jax.random.key(0), run)
+    config = pilco.Config(policy=policy, gp_inducing=inducing, **SMALL)
+    result = pilco.train(config, SystemEnv(SYSTEM), jax.random.key(0), run)
     costs = [row["cost"] for row in run.rows]
     # the random trial hovers about the start (cost about 0.4 a step); the learned ones arrive
     assert max(costs[1:]) < 0.75 * costs[0], costs
@@ -52,6 +54,7 @@ def test_an_episode_longer_than_the_env_is_refused():
     ("model", "nn", "model must be"),
     ("cost_width", 0.0, "cost_width"),
     ("horizon", 0, "horizon must be >= 1"),
+    ("gp_inducing", 0, "gp_inducing must be >= 1"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ForethoughtError, match=message):

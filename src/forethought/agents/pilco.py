@@ -95,6 +95,10 @@ class Config:
     """Starts of the GP hyperparameter fit per state dimension."""
     gp_max_points: int = 1000
     """Most points the GP hyperparameters are fit on (all points condition the posterior)."""
+    gp_inducing: int = 200
+    """Past this many points the rollout predicts with the FITC sparse GP on this many of them
+    (`GP.sparse`; PILCO's code switches at 300): a policy optimisation then costs the same, and
+    compiles once, however much data there is."""
     particles: int = 50
     """BNN model: particles of the predicted rollout (each with its own weight sample)."""
     bnn_hidden: int = 200
@@ -110,7 +114,7 @@ class Config:
 
     def __post_init__(self):
         for name, minimum in {"episodes": 2, "basis": 1, "iterations": 1, "gp_restarts": 1,
-                              "gp_max_points": 2, "particles": 2, "bnn_hidden": 1, "bnn_layers": 1,
+                              "gp_max_points": 2, "gp_inducing": 1, "particles": 2, "bnn_hidden": 1, "bnn_layers": 1,
                               "stop_after_successes": 0}.items():
             if getattr(self, name) < minimum:
                 raise ForethoughtError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
@@ -286,7 +290,7 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
                     if bnn is None:
                         model = GP.fit_dynamics(*data, jax.random.fold_in(ep_key, 2), gp_config,
                                                 angles=setup.angles, capacity=_bucket(c))
-                        propagated = model
+                        propagated = model.sparse(config.gp_inducing)
                     else:  # the BNN keeps training from where it was
                         bnn, _ = fit_bnn(bnn, *data, jax.random.fold_in(ep_key, 2), BNN_TRAINING)
                         model = bnn
