@@ -114,8 +114,8 @@ class Config:
 
     def __post_init__(self):
         for name, minimum in {"episodes": 2, "basis": 1, "iterations": 1, "gp_restarts": 1,
-                              "gp_max_points": 2, "gp_inducing": 1, "particles": 2, "bnn_hidden": 1, "bnn_layers": 1,
-                              "stop_after_successes": 0}.items():
+                              "gp_max_points": 2, "gp_inducing": 1, "particles": 2, "bnn_hidden": 1,
+                              "bnn_layers": 1, "stop_after_successes": 0}.items():
             if getattr(self, name) < minimum:
                 raise ForethoughtError(f"{name} must be >= {minimum}, got {getattr(self, name)}")
         for name in ("horizon", "action_repeat"):

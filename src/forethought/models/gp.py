@@ -134,6 +134,11 @@ def _scaled_sq_dist(A: jax.Array, B: jax.Array, log_ell: jax.Array) -> jax.Array
     return jnp.maximum(d2, 0.0)
 
 
+def _kernel(A: jax.Array, B: jax.Array, log_ell: jax.Array, log_sf2: jax.Array) -> jax.Array:
+    """`k(a, b) = alpha^2 exp(-1/2 (a - b)^T Lambda^{-1} (a - b))` for rows of `A [N, D]` and `B [M, D]`."""
+    return jnp.exp(log_sf2 - 0.5 * _scaled_sq_dist(A, B, log_ell))
+
+
 def _gram(X: jax.Array, params: dict, jitter: float, mask: jax.Array) -> jax.Array:
     """`K = [k(x_i, x_j)] + (sigma^2 + jitter alpha^2) I` over the real points (`mask` 1); padding
     points (`mask` 0) get a row and column of the identity, so they change neither `log|K|` nor
@@ -442,15 +447,14 @@ class GP(eqx.Module):
         z = self.input_norm(jnp.asarray(x))
 
         def per_output(log_ell, log_sf2, beta):
-            sq = _scaled_sq_dist(z.reshape(-1, self.spec.input_dim), self.X, log_ell)
-            return jnp.exp(log_sf2 - 0.5 * sq) @ beta
+            return _kernel(z.reshape(-1, self.spec.input_dim), self.X, log_ell, log_sf2) @ beta
 
         mean = jax.vmap(per_output, out_axes=-1)(self.log_lengthscale, self.log_signal_var, self.beta)
         return self.target_norm.inverse(mean).reshape(*z.shape[:-1], self.spec.output_dim)
 
     def _predict_one(self, z: jax.Array, noise: bool) -> tuple[jax.Array, jax.Array]:
         def per_output(log_ell, log_sf2, noise_var, L, iK, beta):
-            k = jnp.exp(log_sf2 - 0.5 * _scaled_sq_dist(self.X, z[None], log_ell)[:, 0])
+            k = _kernel(self.X, z[None], log_ell, log_sf2)[:, 0]
             if self.spec.sparse:
                 explained = k @ iK @ k
             else:
@@ -710,8 +714,8 @@ def _fitc(Z, X, Y, mask, log_ell, log_sf2, noise, *, jitter):
 
     def one(y, log_ell, log_sf2, noise):
         sf2 = jnp.exp(log_sf2)
-        Kuu = sf2 * jnp.exp(-0.5 * _scaled_sq_dist(Z, Z, log_ell)) + jitter * sf2 * eye
-        Kuf = sf2 * jnp.exp(-0.5 * _scaled_sq_dist(Z, X, log_ell)) * mask[None, :]
+        Kuu = _kernel(Z, Z, log_ell, log_sf2) + jitter * sf2 * eye
+        Kuf = _kernel(Z, X, log_ell, log_sf2) * mask[None, :]
         Luu = jnp.linalg.cholesky(Kuu)
         V = jsl.solve_triangular(Luu, Kuf, lower=True)
         lam = jnp.maximum(sf2 - jnp.sum(V * V, 0), 0.0) + noise
