@@ -20,17 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from _common import machine_info, median, ours_env
-
-XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+from _common import UsageError, machine_info, median, run_pinned
 
 
 def main(out_dir: Path, argv: list[str]) -> int:
@@ -104,29 +100,18 @@ def main(out_dir: Path, argv: list[str]) -> int:
 def run_in_parallel(args: argparse.Namespace, out_dir: Path) -> int:
     """Every (env:model, seed) as its own `forethought bench pilco` subprocess, `args.jobs` at a
     time on cores of their own, then `--merge` of their results."""
-    cores = sorted(os.sched_getaffinity(0))
-    if args.jobs > len(cores):
-        raise SystemExit(f"forethought bench pilco: --jobs must be at most the {len(cores)} usable cores, "
-                         f"got {args.jobs}")
-    tasks = [(pair, seed) for pair in args.runs.split(",") for seed in args.seeds.split(",")]
     parts_dir = out_dir / "pilco_parts"
-    free, running, parts, failed = list(cores[:args.jobs]), [], [], []
-    while tasks or running:
-        while tasks and free:
-            (pair, seed), core = tasks.pop(0), free.pop(0)
+    tasks = []
+    for pair in args.runs.split(","):
+        for seed in args.seeds.split(","):
             part = parts_dir / f"{pair.replace(':', '_')}_{seed}"
-            command = [sys.executable, "-m", "forethought.cli", "bench", "pilco", "--out", str(part),
-                       "--runs", pair, "--seeds", seed, "--episodes", args.episodes,
-                       "--stop-after-successes", str(args.stop_after_successes)]
-            process = subprocess.Popen(["taskset", "-c", str(core), *command], env=ours_env(XLA_FLAGS))
-            running.append((process, core, part))
-        time.sleep(5)
-        for item in list(running):
-            process, core, part = item
-            if process.poll() is not None:
-                running.remove(item)
-                free.append(core)
-                (parts if process.returncode == 0 else failed).append(part)
+            tasks.append(([sys.executable, "-m", "forethought.cli", "bench", "pilco", "--out", str(part),
+                           "--runs", pair, "--seeds", seed, "--episodes", args.episodes,
+                           "--stop-after-successes", str(args.stop_after_successes)], part))
+    try:
+        parts, failed = run_pinned(tasks, args.jobs, "forethought bench pilco")
+    except UsageError as error:
+        raise SystemExit(str(error)) from None
     if failed:
         print(f"failed runs (see their output above): {', '.join(map(str, failed))}")
     done = [str(part / "pilco.json") for part in parts if (part / "pilco.json").exists()]

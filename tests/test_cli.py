@@ -145,3 +145,58 @@ def test_plan_errors(tmp_path, capsys, args, message):
     assert main(args + ["--out", str(tmp_path / "p")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+
+
+# ----- several seeds in one command --------------------------------------------------------------
+
+SMALL_PETS = ["--episodes", "2", "--horizon", "5", "--population", "16", "--iterations", "2", "--particles", "2",
+              "--members", "2", "--hidden", "16", "--layers", "1", "--batch-size", "32", "--max-epochs", "3"]
+
+
+def comparable(path):
+    return {k: v for k, v in read_metrics(path).items() if "seconds" not in k}
+
+
+def test_seeds_run_as_one_vectorized_program_with_a_folder_each_and_an_aggregate_plot(tmp_path, capsys):
+    """`run pets --seeds 0-2`: a folder per seed, each equal to that seed's own run up to float
+    reassociation, and their mean curve; repeating the command finds them finished."""
+    import numpy as np
+
+    out = tmp_path / "seeds"
+    args = ["run", "pets", "--env", "double-integrator", "--seeds", "0-2", "--no-gif", "--out", str(out), *SMALL_PETS]
+    assert main(args) == 0
+    assert "3 seed(s) as one vectorized program" in capsys.readouterr().err
+    assert (out / "learning_curve.png").is_file()
+    for seed in (0, 1, 2):
+        assert json.loads((out / f"seed-{seed}" / "config.json").read_text())["seed"] == seed
+        assert read_metrics(out / f"seed-{seed}")["episode"] == [0, 1]
+    alone = tmp_path / "alone"
+    assert main(["run", "pets", "--env", "double-integrator", "--seed", "1", "--no-gif", "--out", str(alone),
+                 *SMALL_PETS]) == 0
+    vectorized, separate = comparable(out / "seed-1"), comparable(alone)
+    assert vectorized.keys() == separate.keys()
+    for column in vectorized:
+        np.testing.assert_allclose(vectorized[column], separate[column], rtol=1e-4)
+    before = comparable(out / "seed-2")
+    assert main(args) == 0  # continued: already finished, nothing is lost or repeated
+    np.testing.assert_equal(comparable(out / "seed-2"), before)
+
+
+def test_seeds_of_an_agent_without_a_vectorized_form_run_one_after_another(tmp_path, capsys):
+    out = tmp_path / "seeds"
+    flags = ["--env", "dyna-maze", "--episodes", "3", "--planning-steps", "5", "--no-gif"]
+    assert main(["run", "dyna-q", *flags, "--seeds", "0,1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "2 seed(s):" in err and "vectorized" not in err.split("2 seed(s)")[1]
+    assert main(["run", "dyna-q", *flags, "--seed", "1", "--out", str(tmp_path / "alone")]) == 0
+    assert comparable(out / "seed-1") == comparable(tmp_path / "alone")
+    assert comparable(out / "seed-0") != comparable(out / "seed-1")
+    assert (out / "learning_curve.png").is_file()
+
+
+def test_seeds_refuse_seed_and_resume(tmp_path, capsys):
+    assert main(["run", "dyna-q", "--seeds", "0,1", "--seed", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--seeds takes no --seed or --resume" in capsys.readouterr().err
+    assert main(["run", "dyna-q", "--seeds", "1-0", "--out", str(tmp_path / "y")]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

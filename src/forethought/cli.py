@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--env", default=None,
                      help="built-in system name or gym:<Gymnasium id> (default: pendulum)")
     run.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    run.add_argument("--seeds", default=None, metavar="SEEDS",
+                     help="several seeds (0-3 or 0,1,2,3): a run folder each, OUT/seed-S, and their mean "
+                          "with a 95%% band in OUT/learning_curve.png; agents with a vectorized form "
+                          "(pets, mpc) run them on a built-in system as one vmapped program. Repeat the "
+                          "command to continue a killed run")
     run.add_argument("--config", type=Path, default=None, metavar="CONFIG_JSON",
                      help="repeat the run recorded in this config.json (agent, env, seed, agent "
                           "config); flags given here override it")
@@ -240,8 +245,43 @@ def cmd_run(options: argparse.Namespace, rest: list[str]) -> int:
         raise UsageError(f"on_fault must be one of {', '.join(faults.POLICIES)}, got {on_fault!r}")
 
     out = run.path if options.resume is not None else options.out or default_run_dir(options.agent, env_name)
+    if options.seeds is not None:
+        return _run_seeds(options, config, env_name, out, on_fault, layout)
     return run_trial(options.agent, env_name, seed, config, out, resume=options.resume is not None,
                      on_fault=on_fault, layout=layout, tensorboard=options.tensorboard, gif=not options.no_gif)
+
+
+def _run_seeds(options: argparse.Namespace, config: Any, env_name: str, out: Path, on_fault: str,
+               layout: str | None) -> int:
+    """`forethought run AGENT --seeds ...`: a run folder per seed under `out` (vectorized where the
+    agent and env allow it, else one seed after another), then their aggregate learning curve.
+    Folders that exist are continued from their checkpoints, so repeating the command resumes."""
+    from forethought import agents
+    from forethought.experiment.plot import learning_curves
+    from forethought.experiment.sweep import parse_seeds
+
+    if options.seed is not None or options.resume is not None:
+        raise UsageError("--seeds takes no --seed or --resume (repeat the --seeds command with its --out "
+                         "to continue it)")
+    seeds = parse_seeds(options.seeds)
+    outs = [Path(out) / f"seed-{seed}" for seed in seeds]
+    vectorize = (len(seeds) > 1 and hasattr(agents.load(options.agent), "train_vectorized")
+                 and not env_name.startswith("gym:") and not getattr(config, "terminal_value", False))
+    common = dict(resume=None, on_fault=on_fault, layout=layout, tensorboard=options.tensorboard,
+                  gif=not options.no_gif)
+    if vectorize:
+        status = run_trials(options.agent, env_name, seeds, config, outs, vectorize=True, **common)
+    else:
+        status = 0
+        for seed, seed_out in zip(seeds, outs):
+            status = run_trial(options.agent, env_name, seed, config, seed_out, **common)
+            if status:
+                break
+    done = [o for o in outs if (o / "metrics.csv").is_file()]
+    if done:
+        path = learning_curves(done, Path(out) / "learning_curve.png", x="env_steps")
+        print(f"{len(done)} seed(s){' as one vectorized program' if vectorize else ''}: {path}", file=sys.stderr)
+    return status
 
 
 def run_trial(agent: str, env_name: str, seed: int, config: Any, out: Path, *, resume: bool | None = False,
