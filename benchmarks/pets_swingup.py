@@ -209,26 +209,24 @@ def _plot(results: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(envs), figsize=(5.5 * len(envs), 4), dpi=110, squeeze=False)
     for ax, env_name in zip(axes[0], envs):
         s = results["summary"][env_name]
-        runs = [r for r in results["runs"] if r["env"] == env_name and r["kind"] == "pets"]
+        runs = sorted((r for r in results["runs"] if r["env"] == env_name and r["kind"] == "pets"),
+                      key=lambda r: r["seed"])
         for i, r in enumerate(runs):
             x = np.arange(1, len(r["returns"]) + 1)
             ax.plot(x, r["returns"], marker="o", ms=3, color=f"C{i}", label=f"PETS seed {r['seed']}")
             first = s["seeds"][r["seed"]]["first_episode_within_5pct"]
             if first is not None:
-                ax.plot(first, r["returns"][first - 1], "*", ms=12, color=f"C{i}")
+                ax.plot(first, r["returns"][first - 1], "*", ms=13, color=f"C{i}", mec="black", mew=0.5)
         if s["reference_mean"] is not None:
-            ref, bar = s["reference_mean"], s["bar"]
-            ax.axhline(ref, color="black", lw=1, label=f"true-dynamics CEM ({ref:.1f})")
-            ax.axhspan(bar, max(ref, bar) + 0.05 * abs(ref), color="black", alpha=0.08, label="within 5%")
-        ax.set_title(f"PETS on {env_name} (star: first episode within 5%)", fontsize=9)
+            ref, bar, refs = s["reference_mean"], s["bar"], s["reference_returns"]
+            ax.axhline(ref, color="black", lw=1.2, label=f"true-dynamics CEM, mean of {len(refs)} ({ref:.1f})")
+            ax.axhline(bar, color="black", lw=0.8, ls="--", label=f"5% below it ({bar:.1f})")
+            ax.axhspan(min(refs), max(refs), color="black", alpha=0.07, label="true-dynamics CEM, min-max")
+        ax.set_title(f"PETS on {env_name}, {len(runs)} seeds (star: first episode within 5%)", fontsize=9)
         ax.set_xlabel("episode (the first is random)")
         ax.set_ylabel("return (minus the system's cost)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
-        lows = [min(r["returns"][1:] or r["returns"]) for r in runs]
-        if lows and s["reference_mean"] is not None:
-            ax.set_ylim(min(min(lows), s["reference_mean"]) * 1.1 if min(lows) < 0 else None,
-                        max(0.0, s["reference_mean"]) + 0.1 * abs(s["reference_mean"]))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
