@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-episodes", type=int, default=10, help="held-out episodes per variant and run")
     parser.add_argument("--mass", default="0.5,1.5", help="randomization range of the mass (kg)")
     parser.add_argument("--length", default="0.5,1.5", help="randomization range of the length (m)")
+    parser.add_argument("--scale", choices=("linear", "log"), default="linear",
+                        help="draw mass and length uniformly (linear) or log-uniformly (log)")
+    parser.add_argument("--grid", default="0.3,0.4,0.5,0.7,1.0,1.4,2.0",
+                        help="masses and lengths of the evaluation grid (every pair; empty: no grid)")
+    parser.add_argument("--grid-episodes", type=int, default=3, help="episodes per grid cell, policy and seed")
+    parser.add_argument("--reference-episodes", type=int, default=5,
+                        help="episodes of the true-dynamics CEM controller on each named variant (0: none)")
     return parser
 
 
@@ -107,6 +114,12 @@ def main(out_dir: Path, argv: list[str]) -> int:
         if options.episodes < 1 or options.eval_episodes < 1:
             raise UsageError("--episodes and --eval-episodes must be >= 1")
         ranges = {"mass": _pair(options.mass, "--mass"), "length": _pair(options.length, "--length")}
+        try:
+            grid = [float(v) for v in options.grid.split(",") if v.strip()]
+        except ValueError:
+            raise UsageError(f"--grid must be positive numbers separated by commas, got {options.grid!r}") from None
+        if any(not v > 0 for v in grid) or options.grid_episodes < 1 or options.reference_episodes < 0:
+            raise UsageError("--grid values must be > 0, --grid-episodes >= 1, --reference-episodes >= 0")
     except UsageError as error:
         print(f"forethought bench domain_randomization: error: {error}", file=sys.stderr)
         return 2
@@ -128,7 +141,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
         for name in policies:
             env = make_env("pendulum")
             if name == "randomized":
-                env = DomainRandomization(env, ranges)
+                env = DomainRandomization(env, ranges, scale=options.scale)
             run = MemoryRun()
             start = time.perf_counter()
             result = sac_agent.train(config, env, jax.random.key(seed), run)
@@ -137,15 +150,32 @@ def main(out_dir: Path, argv: list[str]) -> int:
             for label, mass, length in VARIANTS:
                 real = make_env("pendulum", mass=mass, length=length)
                 held_out[label] = [round(run_episode(real, result.policy, s).total_reward, 3) for s in eval_seeds]
+            on_grid = {f"{m:g},{l:g}": round(float(np.mean([
+                run_episode(make_env("pendulum", mass=m, length=l), result.policy, s).total_reward
+                for s in eval_seeds[:options.grid_episodes]])), 2) for m in grid for l in grid}
             policies[name]["runs"].append({
                 "seed": seed, "train_seconds": round(seconds, 1),
-                "train_returns": [round(float(r["return"]), 3) for r in run.rows], "held_out": held_out})
+                "train_returns": [round(float(r["return"]), 3) for r in run.rows], "held_out": held_out,
+                "grid": on_grid})
             print(f"{name} seed {seed}: {seconds:.0f} s; held-out means "
                   + ", ".join(f"{k} {np.mean(v):.0f}" for k, v in held_out.items()), file=sys.stderr, flush=True)
+
+    references = {}
+    if options.reference_episodes:
+        from forethought.agents import mpc
+
+        reference_config = mpc.PETSConfig(model="true", random_episodes=0, episodes=options.reference_episodes)
+        for label, mass, length in VARIANTS:
+            reference_run = MemoryRun()
+            mpc.train(reference_config, make_env("pendulum", mass=mass, length=length), jax.random.key(10_000),
+                      reference_run)
+            references[label] = [round(float(r["return"]), 2) for r in reference_run.rows]
 
     table = {}
     for label, mass, length in VARIANTS:
         row = {"mass": mass, "length": length, "where": where(mass, length, ranges)}
+        if label in references:
+            row["true_dynamics_cem"] = round(float(np.mean(references[label])), 1)
         for name, data in policies.items():
             per_seed = [float(np.mean(r["held_out"][label])) for r in data["runs"]]
             row[name] = {"mean": round(float(np.mean(per_seed)), 1),
@@ -158,7 +188,11 @@ def main(out_dir: Path, argv: list[str]) -> int:
         "task": "pendulum swing-up: SAC trained on the nominal system vs under domain randomization, "
                 "deterministic policies evaluated on held-out real variants",
         "settings": {"seeds": seeds, "episodes": options.episodes, "eval_episodes": options.eval_episodes,
-                     "eval_reset_seeds": eval_seeds, "ranges": ranges, "nominal": {"mass": 1.0, "length": 1.0},
+                     "eval_reset_seeds": eval_seeds, "ranges": ranges, "scale": options.scale,
+                     "grid": grid, "grid_episodes": options.grid_episodes,
+                     "reference": "forethought run pets --model true --random-episodes 0 (CEM through each "
+                                  f"variant's own dynamics), {options.reference_episodes} episodes",
+                     "nominal": {"mass": 1.0, "length": 1.0},
                      "sac_config": dataclasses.asdict(config),
                      "variants": [{"label": v[0], "mass": v[1], "length": v[2], "where": where(v[1], v[2], ranges)}
                                   for v in VARIANTS],
@@ -169,8 +203,13 @@ def main(out_dir: Path, argv: list[str]) -> int:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "machine": {**machine_info(None), "note": "2 cores shared with other jobs; not pinned"},
     }
+    if grid:
+        summary["grid_means"] = {name: {cell: round(float(np.mean([r["grid"][cell] for r in data["runs"]])), 1)
+                                        for cell in data["runs"][0]["grid"]} for name, data in policies.items()}
     (out_dir / "domain_randomization.json").write_text(json.dumps(summary, indent=2) + "\n")
     _plot(summary, out_dir / "domain_randomization.png")
+    if grid:
+        _plot_grid(summary, out_dir / "domain_randomization_grid.png")
     print(json.dumps({label: {name: row[name]["mean"] for name in policies} for label, row in table.items()},
                      indent=2))
     return 0
@@ -191,13 +230,17 @@ def _plot(summary: dict, path: Path) -> None:
         means = np.array([table[k][name]["mean"] for k in labels])
         low = means - np.array([table[k][name]["min"] for k in labels])
         high = np.array([table[k][name]["max"] for k in labels]) - means
-        ax.bar(x, means, width, color=f"C{i}", yerr=[low, high], capsize=3,
+        ax.bar(x, means, width, color=f"C{i}", yerr=[low, high], capsize=3, zorder=2,
                label={"nominal": "trained on nominal only",
                       "randomized": "trained with mass, length randomized"}[name])
         for j, k in enumerate(labels):
             seeds = table[k][name]["per_seed"]
             ax.scatter(np.full(len(seeds), x[j]), seeds, s=10, color="black", zorder=3,
                        label="one seed" if i == 0 and j == 0 else None)
+    refs = [table[k].get("true_dynamics_cem") for k in labels]
+    if all(r is not None for r in refs):
+        ax.scatter(np.arange(len(labels)), refs, marker="_", s=900, color="black", zorder=4,
+                   label="true-dynamics CEM on that variant")
     ax.set_yscale("symlog", linthresh=100)
     ax.set_xticks(np.arange(len(labels)))
     ax.set_xticklabels([f"{k}\nm={table[k]['mass']:g}, l={table[k]['length']:g}" for k in labels], fontsize=8)
@@ -208,6 +251,52 @@ def _plot(summary: dict, path: Path) -> None:
     ax.set_title(f"SAC on the pendulum, {len(s['seeds'])} seeds x {s['eval_episodes']} episodes; randomized: "
                  f"mass {s['ranges']['mass']}, length {s['ranges']['length']}; bars: mean, dots: seeds",
                  fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _plot_grid(summary: dict, path: Path) -> None:
+    """Mean held-out return of each policy over the mass x length grid, and their difference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import SymLogNorm, TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    s = summary["settings"]
+    grid = s["grid"]
+    means = {name: np.array([[summary["grid_means"][name][f"{m:g},{l:g}"] for l in grid] for m in grid])
+             for name in ("nominal", "randomized")}
+    diff = means["randomized"] - means["nominal"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=110)
+    low = min(v.min() for v in means.values())
+    panels = [("trained on nominal only", means["nominal"], "viridis", SymLogNorm(100, vmin=low, vmax=0)),
+              ("trained with mass, length randomized", means["randomized"], "viridis",
+               SymLogNorm(100, vmin=low, vmax=0)),
+              ("randomized minus nominal (> 0: randomization helps)", diff, "RdBu",
+               TwoSlopeNorm(0.0, vmin=min(diff.min(), -1.0), vmax=max(diff.max(), 1.0)))]
+    index = {v: i for i, v in enumerate(grid)}
+    for ax, (title, values, cmap, norm) in zip(axes, panels):
+        image = ax.imshow(values, origin="lower", cmap=cmap, norm=norm)
+        for i in range(len(grid)):
+            for j in range(len(grid)):
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="black" if cmap == "RdBu" else "white")
+        ax.set_xticks(range(len(grid)), [f"{v:g}" for v in grid])
+        ax.set_yticks(range(len(grid)), [f"{v:g}" for v in grid])
+        ax.set_xlabel("length (m)")
+        ax.set_ylabel("mass (kg)")
+        ax.set_title(title, fontsize=9)
+        (m0, m1), (l0, l1) = s["ranges"]["mass"], s["ranges"]["length"]
+        if all(v in index for v in (m0, m1, l0, l1)):  # the randomization box, where it lies on the grid
+            ax.add_patch(Rectangle((index[l0] - 0.5, index[m0] - 0.5), index[l1] - index[l0] + 1,
+                                   index[m1] - index[m0] + 1, fill=False, lw=1.5, ls="--", ec="red"))
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.suptitle(f"SAC on pendulums of other mass and length: mean return over {len(s['seeds'])} seeds x "
+                 f"{s['grid_episodes']} episodes; randomized {s['scale']} in mass {s['ranges']['mass']}, "
+                 f"length {s['ranges']['length']} (dashed box); nominal m = l = 1", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -53,6 +53,23 @@ def test_wrapper_uses_the_hook_for_other_gymnasium_envs():
     assert env.unwrapped.g == info["params"]["g"] and 5.0 <= env.unwrapped.g <= 15.0
 
 
+def test_log_scale_draws_are_uniform_in_the_logarithm():
+    """scale='log': log p uniform on [log low, log high], so as many draws below the geometric
+    mean as above it, and the mean of log p is its midpoint (both ways of drawing)."""
+    ranges = {"mass": (0.25, 4.0)}
+    pendulum = systems.make("pendulum")
+    batch = jax.vmap(lambda k: sample(pendulum, ranges, k, scale="log"))(jax.random.split(jax.random.key(2), 4000))
+    env = DomainRandomization(make_env("pendulum"), ranges, scale="log")
+    wrapped = np.array([env.reset(seed=s)[1]["params"]["mass"] for s in range(4000)])
+    for values in (np.asarray(batch.mass), wrapped):
+        assert values.min() >= 0.25 and values.max() <= 4.0
+        logs = np.log(values)
+        assert abs(logs.mean()) < 4 * np.log(16) / np.sqrt(12 * 4000)  # 4 standard errors of the midpoint 0
+        assert abs(np.mean(values < 1.0) - 0.5) < 0.035
+        # quartiles of a uniform log: 0.5, 1, 2
+        np.testing.assert_allclose(np.quantile(values, [0.25, 0.5, 0.75]), [0.5, 1.0, 2.0], rtol=0.08)
+
+
 @pytest.mark.parametrize("ranges,message", [
     ({"mas": (0.5, 2.0)}, "unknown parameter 'mas'"),
     ({"mass": (2.0, 0.5)}, "low <= high"),
@@ -62,6 +79,13 @@ def test_wrapper_uses_the_hook_for_other_gymnasium_envs():
 def test_bad_ranges_are_rejected(ranges, message):
     with pytest.raises(ForethoughtError, match=message):
         check_ranges(ranges, systems.make("pendulum").params())
+
+
+def test_log_scale_needs_positive_bounds_and_a_known_scale():
+    with pytest.raises(ForethoughtError, match="positive for scale='log'"):
+        check_ranges({"mass": (0.0, 2.0)}, scale="log")
+    with pytest.raises(ForethoughtError, match="scale must be"):
+        DomainRandomization(make_env("pendulum"), RANGES, scale="logarithmic")
 
 
 def test_other_envs_need_a_hook():
