@@ -86,6 +86,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
                 "total_seconds": round(time.perf_counter() - start, 1),
                 "cost": [r["cost"] for r in rows], "predicted_cost": [r["predicted_cost"] for r in rows],
                 "success": [r["success"] for r in rows], "return": [r["return"] for r in rows],
+                "iterations": [r["iterations"] for r in rows],
                 "fit_seconds": [r["fit_seconds"] for r in rows],
                 "optimise_seconds": [r["optimise_seconds"] for r in rows]})
             print(f"{env_name} {model} seed {seed}: trials to success {result.trials_to_success}, "

@@ -55,10 +55,21 @@ def test_an_episode_longer_than_the_env_is_refused():
     ("cost_width", 0.0, "cost_width"),
     ("horizon", 0, "horizon must be >= 1"),
     ("gp_inducing", 0, "gp_inducing must be >= 1"),
+    ("iterations", 0, "iterations must be >= 1"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ForethoughtError, match=message):
         pilco.Config(**{**SMALL, field: value})
+
+
+def test_the_cartpole_optimises_its_policy_longer_by_default():
+    """500 L-BFGS iterations on the cart-pole (150 left its swing-up short), 150 elsewhere, and an
+    explicit `iterations` wins."""
+    cartpole = SystemEnv(systems.make("cartpole"))
+    with jax.enable_x64(True):  # as `train` builds its Setup
+        assert pilco.Setup(pilco.Config(), cartpole).iterations == 500
+        assert pilco.Setup(pilco.Config(iterations=40), cartpole).iterations == 40
+        assert pilco.Setup(pilco.Config(), SystemEnv(SYSTEM)).iterations == 150
 
 
 def test_a_run_cut_off_resumes_to_the_same_numbers(tmp_path, monkeypatch):
