@@ -55,19 +55,27 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _config(overrides: list[str], episodes: int, **fields):
+    """The PETS config with `--set FIELD=VALUE` overrides, parsed and checked as `forethought run
+    pets` parses its flags, then `fields` and `episodes`."""
     from forethought.agents import mpc
+    from forethought.cli import parse_config
+    from forethought.errors import ForethoughtError
 
-    values = {}
-    names = {f.name: f for f in dataclasses.fields(mpc.PETSConfig)}
+    flags = []
     for item in overrides:
-        name, _, text = item.partition("=")
-        name = name.replace("-", "_")
-        if name not in names or not text:
-            raise UsageError(f"--set must be FIELD=VALUE with FIELD a PETS config field, got {item!r}")
-        default = getattr(mpc.PETSConfig(), name)
-        values[name] = type(default)(text) if isinstance(default, (int, float)) and not isinstance(default, bool) \
-            else (text.lower() in ("1", "true", "yes") if isinstance(default, bool) else text)
-    return mpc.PETSConfig(**{**values, "episodes": episodes, **fields})
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise UsageError(f"--set must be FIELD=VALUE, got {item!r}")
+        flag = name.replace("_", "-")
+        if value.lower() in ("true", "false"):  # tyro's booleans are --FIELD / --no-FIELD
+            flags.append(f"--{flag}" if value.lower() == "true" else f"--no-{flag}")
+        else:
+            flags += [f"--{flag}", value]
+    try:
+        config = parse_config(mpc.PETSConfig, flags, "forethought bench pets_swingup --set")
+        return dataclasses.replace(config, **fields, episodes=episodes)
+    except ForethoughtError as error:
+        raise UsageError(f"--set: {error}") from None
 
 
 def _run(env_name: str, seed: int | None, episodes: int, reference_episodes: int, overrides: list[str]) -> dict:
