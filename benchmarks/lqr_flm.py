@@ -1,6 +1,6 @@
 """LQR-FLM against iLQR with the true model, and the Bayesian prior against plain regression.
 
-    forethought bench lqr_flm [--envs pendulum,cartpole] [--seeds 0-4] [--episodes 20] [--rollouts 5]
+    forethought bench lqr_flm [--envs pendulum,cartpole] [--seeds 0-9] [--episodes 20] [--rollouts 5]
                               [--priors gmm,gmm-gps,none] [--out DIR]
 
 For each env, fit and seed: `forethought.agents.lqr_flm.train` for `--episodes` iterations of
@@ -36,7 +36,7 @@ import numpy as np
 def main(out_dir: Path, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="forethought bench lqr_flm")
     parser.add_argument("--envs", default="pendulum,cartpole")
-    parser.add_argument("--seeds", default="0-4")
+    parser.add_argument("--seeds", default="0-9")
     parser.add_argument("--episodes", type=int, default=20)
     parser.add_argument("--rollouts", type=int, default=5)
     parser.add_argument("--priors", default="gmm,gmm-gps,none")
@@ -70,6 +70,9 @@ def main(out_dir: Path, argv: list[str]) -> int:
                              "ilqr_cost": result.reference_cost, "ratios": ratios, "seconds": seconds,
                              "env_steps": result.env_steps, "final_noisy_cost": noisy,
                              "final_noisy_ratio": noisy / result.reference_cost})
+                # each run compiles its own programs; without dropping them, 60 runs in one process
+                # exhaust the kernel's memory-map limit (LLVM "Cannot allocate memory", then a crash)
+                jax.clear_caches()
                 print(f"{env_name} prior={prior} seed={seed}: final cost {result.costs[-1]:.1f} (with the "
                       f"controller's noise {noisy:.1f}), iLQR {result.reference_cost:.1f}, ratio {ratios[-1]:.3f} "
                       f"({seconds:.0f} s)", flush=True)
