@@ -6,9 +6,11 @@
 For every `env:model` and seed, runs `forethought run pilco --env ENV --model MODEL` with the
 default settings (in this process, one after another) and records per episode the real cost
 (sum of the saturating cost over the episode), PILCO's predicted cost of the policy that ran,
-success, and the seconds spent fitting the model and optimising the policy. Trials to success
-count the random first episode, as the PILCO paper does. Results are written after every run,
-so an interrupted benchmark keeps what it finished.
+success, the seconds spent fitting the model and optimising the policy, and which start of the
+policy optimisation won (`policy_start`, `start_costs`: see `Config.policy_restarts`). Trials
+to success count the random first episode, as the PILCO paper does. Results are written after
+every trial (a run still going has `"finished": false`), so an interrupted benchmark keeps what
+it ran.
 
 `--jobs N` runs N (env, model, seed) runs at a time, each a subprocess pinned to its own core
 with XLA on one thread, and merges their results. Do not run JAX processes side by side
@@ -61,7 +63,6 @@ def main(out_dir: Path, argv: list[str]) -> int:
 
     from forethought._jax import enable_compilation_cache
     from forethought.agents import pilco
-    from forethought.agents.base import MemoryRun
     from forethought.systems.gym import make_env
 
     enable_compilation_cache()
@@ -76,26 +77,63 @@ def main(out_dir: Path, argv: list[str]) -> int:
         for seed in seeds:
             config = pilco.Config(episodes=episodes.get(env_name, 15), model=model,
                                   stop_after_successes=args.stop_after_successes)
-            run = MemoryRun()
             start = time.perf_counter()
-            result = pilco.train(config, make_env(env_name), jax.random.key(seed), run)
-            rows = run.rows
-            results["runs"].append({
-                "env": env_name, "model": model, "seed": seed,
-                "trials_to_success": result.trials_to_success,
-                "total_seconds": round(time.perf_counter() - start, 1),
-                "cost": [r["cost"] for r in rows], "predicted_cost": [r["predicted_cost"] for r in rows],
-                "success": [r["success"] for r in rows], "return": [r["return"] for r in rows],
-                "iterations": [r["iterations"] for r in rows],
-                "fit_seconds": [r["fit_seconds"] for r in rows],
-                "optimise_seconds": [r["optimise_seconds"] for r in rows]})
-            print(f"{env_name} {model} seed {seed}: trials to success {result.trials_to_success}, "
-                  f"costs {[round(r['cost'], 1) for r in rows]}", flush=True)
-            summarise(results)
-            (out_dir / "pilco.json").write_text(json.dumps(results, indent=1))
-            plot(results, out_dir / "pilco.png")
+            done = list(results["runs"])
+
+            def write(rows, finished):
+                """Results so far, this run's trials included (`finished` False until it ends), so
+                an interrupted run keeps the trials it ran."""
+                results["runs"] = done + [_record(env_name, model, seed, rows, time.perf_counter() - start,
+                                                  finished)]
+                summarise(results)
+                (out_dir / "pilco.json").write_text(json.dumps(results, indent=1))
+                plot(results, out_dir / "pilco.png")
+
+            run = _Printing(f"{env_name} {model} seed {seed}", lambda rows: write(rows, False))
+            pilco.train(config, make_env(env_name), jax.random.key(seed), run)
+            write(run.rows, True)
+            trials = results["runs"][-1]["trials_to_success"]
+            print(f"{env_name} {model} seed {seed}: trials to success {trials}, "
+                  f"costs {[round(r['cost'], 1) for r in run.rows]}", flush=True)
     print(json.dumps(results["summary"], indent=1))
     return 0
+
+
+def _record(env_name: str, model: str, seed: int, rows: list[dict], seconds: float, finished: bool) -> dict:
+    """One run's entry in pilco.json. `policy_start[i]` is the start (0: the previous policy,
+    j >= 1: the j-th fresh one) the optimisation after trial i kept, `start_costs[i]` every start's
+    predicted cost, ";"-separated."""
+    return {"env": env_name, "model": model, "seed": seed, "finished": finished,
+            "trials_to_success": next((i + 1 for i, r in enumerate(rows) if r["success"]), None),
+            "total_seconds": round(seconds, 1),
+            "cost": [r["cost"] for r in rows], "predicted_cost": [r["predicted_cost"] for r in rows],
+            "success": [r["success"] for r in rows], "return": [r["return"] for r in rows],
+            "iterations": [r["iterations"] for r in rows],
+            "policy_start": [r.get("policy_start") for r in rows],
+            "start_costs": [r.get("start_costs") for r in rows],
+            "fit_seconds": [r["fit_seconds"] for r in rows],
+            "optimise_seconds": [r["optimise_seconds"] for r in rows]}
+
+
+class _Printing:
+    """A `MemoryRun` that prints a line per episode, so a long run shows its progress, and hands
+    its rows so far to `on_row`."""
+
+    def __init__(self, label: str, on_row):
+        from forethought.agents.base import MemoryRun
+
+        self._run, self.label, self.on_row = MemoryRun(), label, on_row
+
+    def __getattr__(self, name):
+        return getattr(self._run, name)
+
+    def log(self, **row) -> None:
+        self._run.log(**row)
+        print(f"{self.label} trial {row['episode'] + 1}: cost {row['cost']:.2f}, predicted "
+              f"{row['predicted_cost']:.2f}, success {row['success']}, optimise {row['optimise_seconds']} s, "
+              f"start {row.get('policy_start')} of costs [{row.get('start_costs', '')}], "
+              f"{row['wall_seconds']:.0f} s so far", flush=True)
+        self.on_row(self._run.rows)
 
 
 def run_in_parallel(args: argparse.Namespace, out_dir: Path) -> int:
