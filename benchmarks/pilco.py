@@ -89,11 +89,10 @@ def main(out_dir: Path, argv: list[str]) -> int:
                 (out_dir / "pilco.json").write_text(json.dumps(results, indent=1))
                 plot(results, out_dir / "pilco.png")
 
-            run = _Printing(f"{env_name} {model} seed {seed}", lambda rows: write(rows, False))
-            pilco.train(config, make_env(env_name), jax.random.key(seed), run)
+            run = _printing_run(f"{env_name} {model} seed {seed}", lambda rows: write(rows, False))
+            result = pilco.train(config, make_env(env_name), jax.random.key(seed), run)
             write(run.rows, True)
-            trials = results["runs"][-1]["trials_to_success"]
-            print(f"{env_name} {model} seed {seed}: trials to success {trials}, "
+            print(f"{env_name} {model} seed {seed}: trials to success {result.trials_to_success}, "
                   f"costs {[round(r['cost'], 1) for r in run.rows]}", flush=True)
     print(json.dumps(results["summary"], indent=1))
     return 0
@@ -103,8 +102,10 @@ def _record(env_name: str, model: str, seed: int, rows: list[dict], seconds: flo
     """One run's entry in pilco.json. `policy_start[i]` is the start (0: the previous policy,
     j >= 1: the j-th fresh one) the optimisation after trial i kept, `start_costs[i]` every start's
     predicted cost, ";"-separated."""
+    from forethought.agents.pilco import trials_to_success
+
     return {"env": env_name, "model": model, "seed": seed, "finished": finished,
-            "trials_to_success": next((i + 1 for i, r in enumerate(rows) if r["success"]), None),
+            "trials_to_success": trials_to_success([r["success"] for r in rows]),
             "total_seconds": round(seconds, 1),
             "cost": [r["cost"] for r in rows], "predicted_cost": [r["predicted_cost"] for r in rows],
             "success": [r["success"] for r in rows], "return": [r["return"] for r in rows],
@@ -115,25 +116,21 @@ def _record(env_name: str, model: str, seed: int, rows: list[dict], seconds: flo
             "optimise_seconds": [r["optimise_seconds"] for r in rows]}
 
 
-class _Printing:
+def _printing_run(label: str, on_row):
     """A `MemoryRun` that prints a line per episode, so a long run shows its progress, and hands
     its rows so far to `on_row`."""
+    from forethought.agents.base import MemoryRun
 
-    def __init__(self, label: str, on_row):
-        from forethought.agents.base import MemoryRun
+    class PrintingRun(MemoryRun):
+        def log(self, **row) -> None:
+            super().log(**row)
+            print(f"{label} trial {row['episode'] + 1}: cost {row['cost']:.2f}, predicted "
+                  f"{row['predicted_cost']:.2f}, success {row['success']}, optimise {row['optimise_seconds']} s, "
+                  f"start {row.get('policy_start')} of costs [{row.get('start_costs', '')}], "
+                  f"{row['wall_seconds']:.0f} s so far", flush=True)
+            on_row(self.rows)
 
-        self._run, self.label, self.on_row = MemoryRun(), label, on_row
-
-    def __getattr__(self, name):
-        return getattr(self._run, name)
-
-    def log(self, **row) -> None:
-        self._run.log(**row)
-        print(f"{self.label} trial {row['episode'] + 1}: cost {row['cost']:.2f}, predicted "
-              f"{row['predicted_cost']:.2f}, success {row['success']}, optimise {row['optimise_seconds']} s, "
-              f"start {row.get('policy_start')} of costs [{row.get('start_costs', '')}], "
-              f"{row['wall_seconds']:.0f} s so far", flush=True)
-        self.on_row(self._run.rows)
+    return PrintingRun()
 
 
 def run_in_parallel(args: argparse.Namespace, out_dir: Path) -> int:

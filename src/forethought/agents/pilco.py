@@ -175,7 +175,12 @@ class Result:
     @property
     def trials_to_success(self) -> int | None:
         """1-based index of the first successful episode, or None."""
-        return next((i + 1 for i, ok in enumerate(self.successes) if ok), None)
+        return trials_to_success(self.successes)
+
+
+def trials_to_success(successes) -> int | None:
+    """1-based index of the first successful episode in `successes`, or None."""
+    return next((i + 1 for i, ok in enumerate(successes) if ok), None)
 
 
 class Setup:
