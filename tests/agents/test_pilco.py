@@ -57,6 +57,7 @@ def test_an_episode_longer_than_the_env_is_refused():
     ("gp_inducing", 0, "gp_inducing must be >= 1"),
     ("iterations", 0, "iterations must be >= 1"),
     ("policy_restarts", 0, "policy_restarts must be >= 1"),
+    ("restart_optimisations", 0, "restart_optimisations must be >= 1"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ForethoughtError, match=message):
@@ -79,6 +80,8 @@ def test_the_cartpole_restarts_its_policy_optimisation_by_default():
         assert pilco.Setup(pilco.Config(), cartpole).restarts == pilco.POLICY_RESTARTS["cartpole"] > 1
         assert pilco.Setup(pilco.Config(policy_restarts=1), cartpole).restarts == 1
         assert pilco.Setup(pilco.Config(), SystemEnv(SYSTEM)).restarts == 1
+        assert pilco.Setup(pilco.Config(), cartpole).restart_optimisations == pilco.RESTART_OPTIMISATIONS["cartpole"]
+        assert pilco.Setup(pilco.Config(episodes=9), SystemEnv(SYSTEM)).restart_optimisations == 9  # all
 
 
 def test_restarts_keep_the_start_with_the_lowest_predicted_cost():
@@ -112,14 +115,16 @@ def test_restarts_keep_the_start_with_the_lowest_predicted_cost():
         np.testing.assert_allclose(float(recomputed), value, rtol=1e-9)
 
 
-def test_each_optimisation_logs_its_starts():
+def test_each_optimisation_logs_its_starts_and_only_the_first_ones_restart():
     run = MemoryRun()
-    pilco.train(pilco.Config(policy_restarts=3, **SMALL), SystemEnv(SYSTEM), jax.random.key(0), run)
+    config = pilco.Config(policy_restarts=3, restart_optimisations=1, **SMALL)
+    pilco.train(config, SystemEnv(SYSTEM), jax.random.key(0), run)
     optimised = run.rows[:-1]  # the last episode is not followed by an optimisation
     assert [row["policy_start"] for row in run.rows][-1] == -1
-    for row in optimised:
+    assert len(optimised) == 2
+    for row, starts in zip(optimised, (3, 1)):  # restarts in the first optimisation only
         costs = [float(c) for c in row["start_costs"].split(";")]
-        assert len(costs) == 3 and 0 <= row["policy_start"] < 3
+        assert len(costs) == starts and 0 <= row["policy_start"] < starts
         assert costs[row["policy_start"]] == pytest.approx(min(costs), abs=1e-4)
     events = [e for e in run.events if e["event"] == "policy_optimised"]
     assert [e["policy_start"] for e in events] == [row["policy_start"] for row in optimised]
