@@ -118,9 +118,10 @@ class Config:
     """L-BFGS iterations per policy optimisation; None: cart-pole 500, else 150 (PILCO's 150 line
     searches; the cart-pole's optimisation is far from converged at 150: see `ITERATIONS`)."""
     policy_restarts: int | None = None
-    """Starts of each policy optimisation: the previous policy and `policy_restarts - 1` freshly
-    initialised random ones, optimised side by side in one vmapped, jitted call; the one with the
-    lowest predicted cost is kept. None: cart-pole 4, else 1 (see `POLICY_RESTARTS`)."""
+    """Starts of each of the first `restart_optimisations` policy optimisations: the previous
+    policy and `policy_restarts - 1` freshly initialised random ones, optimised side by side in one
+    vmapped, jitted call; the one with the lowest predicted cost is kept. None: cart-pole 4, else 1
+    (see `POLICY_RESTARTS`)."""
     restart_optimisations: int | None = None
     """How many policy optimisations, the first ones, use `policy_restarts` starts; later ones
     start from the previous policy alone. None: cart-pole 3, else all (see
