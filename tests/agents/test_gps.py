@@ -48,3 +48,7 @@ def test_bad_settings_are_refused():
         gps.Config(lambda_growth=0.5)
     with pytest.raises(ForethoughtError, match="rollouts"):
         gps.Config(rollouts=1)
+    with pytest.raises(ForethoughtError, match="init must be"):
+        gps.Config(init="demo")
+    with pytest.raises(ForethoughtError, match="reference_starts"):
+        gps.Config(reference_starts=0)

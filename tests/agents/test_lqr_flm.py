@@ -145,3 +145,21 @@ def test_local_prior_keeps_a_wide_prior_from_outweighing_close_rollouts():
     np.testing.assert_allclose(np.asarray(trusted.F), np.broadcast_to(F_wrong, trusted.F.shape), atol=5e-3)
     with pytest.raises(ForethoughtError, match="spread must be"):
         local_prior(prior, X, U, spread=-1.0)
+
+
+def test_reference_restarts_escape_the_zero_start_optimum_and_its_controller_tracks_it():
+    """iLQR from zero controls ends in a slow-pumping local optimum of the pendulum swing-up; the
+    best of several random starts is cheaper, and the tracking controller's mean run on the true
+    system reproduces that trajectory's cost."""
+    import jax.numpy as jnp
+    with jax.enable_x64(True):
+        env = SystemEnv(systems.make("pendulum"))
+        problem = lqr_flm.Problem(lqr_flm.Config(cost="quadratic", squash=True), env)
+        best, from_zero = lqr_flm.reference_solution(problem, problem.x0, starts=8, key=jax.random.key(0))
+        assert float(best.cost) < 0.9 * from_zero
+        controller = lqr_flm.tracking_controller(problem, best, 0.1)
+        assert bool(jnp.all(jnp.isfinite(controller.K)))
+        mean_cost = float(lqr_flm._mean_cost(problem, controller, jnp.asarray(problem.x0)))
+        assert mean_cost == pytest.approx(float(best.cost), rel=1e-6)
+        with pytest.raises(ForethoughtError, match="starts must be >= 1"):
+            lqr_flm.reference_solution(problem, problem.x0, starts=0)

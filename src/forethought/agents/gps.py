@@ -30,7 +30,8 @@ The policy is an MLP of the state features (sin and cos of angles), time-invaria
 same unbounded `v` as the local controllers (`u = u_max tanh(v / u_max)`). Each row logs the mean
 cost of the local controllers' and of the global policy's deterministic runs from the training
 starts and from the test starts (midpoints of the training square's edges), against iLQR's
-cost with the true model from each start; `return` is minus the global policy's test cost.
+cost with the true model from each start (the best of `reference_starts` runs,
+`lqr_flm.reference_solution`); `return` is minus the global policy's test cost.
 `FIGURES` declares `gps_costs.png`: the local and global costs per iteration, with iLQR's.
 """
 
@@ -49,7 +50,7 @@ import optax
 
 from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed
 from forethought.agents import lqr_flm
-from forethought.agents.lqr_flm import Problem, _mean_cost, _reference_cost, _rollout
+from forethought.agents.lqr_flm import Problem, _mean_cost, _rollout
 from forethought.control.kl_lqr import (LinearGaussianController, expected_cost, initial_distribution,
                                         kl_update, marginals, neg_log_prob_quadratic, quadratize_cost,
                                         step_multiplier)
@@ -96,6 +97,12 @@ class Config:
     """Factor `lambda` grows by each iteration after that (the agreement is enforced ever more)."""
     lambda_max: float = 10.0
     """Largest `lambda`."""
+    init: str = "noise"
+    """First local controllers: "noise" (zero mean, `init_std` noise, as LQR-FLM starts) or "ilqr"
+    (iLQR's feedback solution on the true model from each training start, best of `reference_starts`,
+    with `init_std` noise: the guiding trajectories of Levine and Koltun 2013)."""
+    reference_starts: int = 16
+    """iLQR runs per start for the reference (and "ilqr" init): zero controls and random ones."""
 
     def __post_init__(self):
         for name, minimum in {"episodes": 1, "rollouts": 2, "replay": 1, "hidden": 1, "layers": 1, "policy_steps": 1}.items():
@@ -106,6 +113,10 @@ class Config:
                 raise ForethoughtError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.lambda_growth >= 1:
             raise ForethoughtError(f"lambda_growth must be >= 1, got {self.lambda_growth}")
+        if self.init not in ("noise", "ilqr"):
+            raise ForethoughtError(f"init must be 'noise' or 'ilqr', got {self.init!r}")
+        if self.reference_starts < 1:
+            raise ForethoughtError(f"reference_starts must be >= 1, got {self.reference_starts}")
         if len(self.spread) != 2 or not all(s > 0 for s in self.spread):
             raise ForethoughtError(f"spread must be two positive numbers, got {self.spread}")
 
@@ -217,7 +228,13 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
     mlp = jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, mlp)
     policy = Policy(mlp, jnp.asarray(problem.u_max), tuple(problem.system.angles))
     first = LinearGaussianController.constant(T, n, jnp.zeros(m), config.init_std * problem.u_max, jnp.float64)
-    local = jax.tree.map(lambda *a: jnp.stack(a), *([first] * C))
+    solutions = [lqr_flm.reference_solution(problem, x0, config.reference_starts, jax.random.fold_in(key, 11 + i))[0]
+                 for i, x0 in enumerate(np.concatenate([train_starts, test_starts]))]
+    if config.init == "ilqr":
+        first = [lqr_flm.tracking_controller(problem, s, config.init_std * problem.u_max) for s in solutions[:C]]
+    else:
+        first = [first] * C
+    local = jax.tree.map(lambda *a: jnp.stack(a), *first)
     state = {"iteration": np.int64(0), "env_steps": np.int64(0), "elapsed": np.float64(0.0),
              "multiplier": np.ones(C), "previous_cost": np.full(C, np.inf), "predicted_cost": np.full(C, np.inf),
              # every iteration's sampled states, relabelled by the current local controllers in step 2
@@ -230,8 +247,8 @@ def _train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike) -> 
         returns = list(meta.get("returns", []))
     state = {k: np.array(v) for k, v in state.items()}
     policy_cov = jnp.tile(jnp.diag((config.policy_std * problem.u_max) ** 2), (T, 1, 1))
-    reference_train = [_reference_cost(problem, x0) for x0 in train_starts]
-    reference_test = [_reference_cost(problem, x0) for x0 in test_starts]
+    reference_train = [float(s.cost) for s in solutions[:C]]
+    reference_test = [float(s.cost) for s in solutions[C:]]
     clock = EpisodeClock(float(state["elapsed"]))
     evaluate_policy = eqx.filter_jit(jax.vmap(lambda p, x0: _policy_cost(problem, p, x0), in_axes=(None, 0)))
     evaluate_local = eqx.filter_jit(jax.vmap(lambda c, x0: _mean_cost(problem, c, x0)))
