@@ -259,6 +259,42 @@ def test_swing_up_from_rest(swing_up_systems, name, solver):
         assert abs(x_T[0]) < 0.1
 
 
+def test_gains_are_finite_where_squashed_actions_saturate(x64):
+    """Squashed torques `u = 4 tanh(v / 4)` on the pendulum, from random controls: where `v`
+    saturates `Q_uu` is nearly singular and the loop's last backward pass can fail (before the
+    fix 9 of these 16 runs returned NaN gains). The gains returned are finite and are a working
+    feedback law about the returned trajectory: from a start 0.02 rad off the closed loop
+    `v_t = v̂_t + K_t (x_t - x̂_t)` costs less than replaying `v̂` open loop."""
+    pendulum = systems.make("pendulum")
+    u_max = pendulum.max_torque
+
+    def dynamics(x, v, t):
+        return pendulum.dynamics(x, u_max * jnp.tanh(v / u_max), t)
+
+    def cost(x, v, t):
+        return pendulum.cost(x, u_max * jnp.tanh(v / u_max), t)
+
+    x0 = pendulum.initial_state()
+    U0 = u_max * jax.random.normal(jax.random.key(3), (16, pendulum.horizon, 1), jnp.float64)
+    solutions = jax.vmap(lambda U: ilqr(cost, dynamics, x0, U, terminal_cost=pendulum.terminal_cost,
+                                        maxiter=300))(U0)
+    assert bool(jnp.all(jnp.isfinite(solutions.K))) and bool(jnp.all(jnp.isfinite(solutions.k)))
+
+    def run(solution, feedback):
+        def step(x, inputs):
+            x_hat, v_hat, K, t = inputs
+            v = v_hat + feedback * (K @ (x - x_hat))
+            return dynamics(x, v, t), cost(x, v, t)
+
+        x_T, costs = jax.lax.scan(step, x0 + jnp.asarray([0.02, 0.0]),
+                                  (solution.x[:-1], solution.u, solution.K, jnp.arange(pendulum.horizon)))
+        return costs.sum() + pendulum.terminal_cost(x_T)
+
+    closed = jax.vmap(run, in_axes=(0, None))(solutions, 1.0)
+    open_loop = jax.vmap(run, in_axes=(0, None))(solutions, 0.0)
+    assert bool(jnp.all(closed < open_loop)), (closed, open_loop)
+
+
 class Toy(eqx.Module):
     """The toy problem as a module with an array parameter, as a learned model would be."""
     gain: jax.Array

@@ -182,8 +182,8 @@ class Task:
                         terminal_cost=p.terminal_cost, maxiter=300)
         if not bool(jnp.all(jnp.isfinite(solution.u))):
             raise ForethoughtError(f"distill: iLQR found no finite teacher for task {name!r}")
-        # iLQR's gains come out non-finite at steps where `v` is so deep in the tanh's saturation
-        # that `Q_uu` underflows to 0: feedback on `v` has no effect there, so the teacher has none
+        # iLQR's gains are NaN only if no backward pass about its trajectory was positive definite
+        # (`v` so deep in the tanh's saturation that `Q_uu` underflows): then that step has no feedback
         finite = jnp.all(jnp.isfinite(solution.K), axis=(1, 2), keepdims=True)
         K = jnp.where(finite, solution.K, 0.0)
         # the note's feedback controller û_t + K_t (x_t - x̂_t) in iLQR's squashed v, absolute form K x + k

@@ -58,8 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from forethought.agents.base import EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed
-from forethought.control.ilqr import ilqr, linearize, quadratize, quadratize_final
-from forethought.control.lqr import backward_pass
+from forethought.control.ilqr import ilqr
 from forethought.control.kl_lqr import (LinearGaussianController, initial_distribution, kl_update,
                                         marginals, expected_cost, quadratize_cost, step_multiplier)
 from forethought.errors import ForethoughtError
@@ -237,23 +236,12 @@ def reference_solution(problem: Problem, x0, starts: int = 16, key: jax.Array | 
 
 
 def tracking_controller(problem: Problem, solution, std) -> LinearGaussianController:
-    """The linear-Gaussian controller `v_t = v̂_t + K_t (x - x̂_t) + N(0, std^2)` about a planned
-    trajectory `(x̂, v̂)` (a `Solution`), with the LQR gains of the problem's cost and dynamics
-    expanded about it. The gains are recomputed here (smallest Levenberg-Marquardt term among
-    0, 1e-6, ..., 1e6 that makes every `Q_uu` positive definite): the solver's own last backward
-    pass can fail where the squashed actions saturate, and its gains are then not finite."""
-    X, V = jnp.asarray(solution.x), jnp.asarray(solution.u)
-    F = linearize(problem.dynamics, X[:-1], V)
-    C, c = quadratize(problem.cost, X[:-1], V)
-    V_T, v_T = quadratize_final(problem.terminal_cost, X[-1])
-    zeros = jnp.zeros(X[:-1].shape, X.dtype)
-    for mu in [0.0] + [10.0**e for e in range(-6, 7)]:
-        back = backward_pass(F, zeros, C, c, V_T, v_T, mu=mu)
-        if bool(back.ok) and bool(jnp.all(jnp.isfinite(back.K))):
-            break
-    else:
-        raise ForethoughtError("tracking_controller: no positive definite backward pass about the trajectory")
-    K = back.K
+    """The linear-Gaussian controller `v_t = v̂_t + K_t (x - x̂_t) + N(0, std^2)` about an iLQR
+    `solution` `(x̂, v̂, K)` of the problem (in its squashed `v`)."""
+    X, V, K = jnp.asarray(solution.x), jnp.asarray(solution.u), jnp.asarray(solution.K)
+    if not bool(jnp.all(jnp.isfinite(K))):
+        raise ForethoughtError("tracking_controller: the solution's gains are not finite (no positive "
+                               "definite backward pass about its trajectory)")
     std = jnp.broadcast_to(jnp.asarray(std, X.dtype), (problem.m,))
     return LinearGaussianController(K=K, k=V - jnp.einsum("tmn,tn->tm", K, X[:-1]),
                                     cov=jnp.tile(jnp.diag(std**2), (problem.T, 1, 1)))

@@ -164,7 +164,9 @@ def ilqr(cost, dynamics, x0, U0, *, terminal_cost=None, maxiter: int = 100,
       after each iteration, the last value repeated after the end), and the LQR gains about the
       returned trajectory, in deviation form as in the note: `δu_t = K_t δx_t + k_t`
       (`K [T, m, n]`, `k [T, m]`; `k ~ 0` at convergence), i.e. the feedback controller
-      `u_t = u[t] + K_t (x_t - x[t])`.
+      `u_t = u[t] + K_t (x_t - x[t])`: those of the positive definite backward pass about it with
+      the smallest `mu` tried (raised past the last one if needed; NaN only if none up to `reg_max`
+      is positive definite).
     """
     return _dispatch(cost, dynamics, x0, U0, terminal_cost, maxiter, False, locals())
 
@@ -218,6 +220,9 @@ class _State(NamedTuple):
     K: jax.Array          # gains of the backward pass about (X, U) with mu
     k: jax.Array
     ok: jax.Array         # whether that backward pass found every Q_uu positive definite
+    K_ok: jax.Array       # gains of the first positive definite pass about (X, U) (smallest mu)
+    k_ok: jax.Array
+    have_ok: jax.Array    # whether there was one
     iteration: jax.Array
     converged: jax.Array
     done: jax.Array
@@ -318,11 +323,16 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
                        jnp.maximum(state.mu * s["reg_factor"], s["reg_min"]))
         mu = jnp.where(first, state.mu, mu)
         K, k, ok = backward(lin, mu)
+        # mu only grows between accepted steps, so the first good pass about X has the smallest mu
+        keep = ok & (accepted | ~state.have_ok)
+        K_ok, k_ok = jnp.where(keep, K, state.K_ok), jnp.where(keep, k, state.k_ok)
+        have_ok = jnp.where(accepted, ok, state.have_ok | ok)
         decrease = (state.J - J) / jnp.maximum(jnp.abs(state.J), jnp.finfo(dtype).tiny)
         converged = ((grad_norm <= s["grad_norm_threshold"])
                      | (accepted & ~first & (decrease <= s["relative_cost_threshold"])))
         history = jnp.where(first, state.history, state.history.at[state.iteration].set(J))
         return _State(X=X, U=U, J=J, lin=lin, grad_norm=grad_norm, mu=mu, K=K, k=k, ok=ok,
+                      K_ok=K_ok, k_ok=k_ok, have_ok=have_ok,
                       iteration=state.iteration + (~first).astype(jnp.int32),
                       converged=converged,
                       done=converged | (mu > s["reg_max"]) | (first & ~accepted),
@@ -336,12 +346,24 @@ def _solve(fns_arrays, x0, U0, settings, *, fns_static, maxiter, second_order):
     init = _State(X=jnp.zeros((T + 1, n), dtype), U=U0, J=jnp.asarray(jnp.inf, dtype), lin=lin0,
                   grad_norm=jnp.asarray(jnp.inf, dtype), mu=s["reg_init"],
                   K=jnp.zeros((T, m, n), dtype), k=jnp.zeros((T, m), dtype),
-                  ok=jnp.ones((), bool), iteration=jnp.zeros((), jnp.int32),
+                  ok=jnp.ones((), bool), K_ok=jnp.zeros((T, m, n), dtype), k_ok=jnp.zeros((T, m), dtype),
+                  have_ok=jnp.zeros((), bool), iteration=jnp.zeros((), jnp.int32),
                   converged=jnp.zeros((), bool), done=jnp.zeros((), bool),
                   history=jnp.zeros((maxiter,), dtype))
     out = jax.lax.while_loop(lambda st: ~st.done & (st.iteration < maxiter), iteration, init)
-    # The loop ends on a backward pass about the returned trajectory, so K, k belong to it.
+
+    # The gains returned belong to the returned trajectory: the positive definite backward pass
+    # about it with the smallest mu. The loop's last pass may have failed (non-finite gains, e.g.
+    # where squashed actions saturate and Q_uu is singular); then mu is raised until one succeeds.
+    def regularize(carry):
+        mu, *_ = carry
+        mu = jnp.maximum(mu * s["reg_factor"], s["reg_min"])
+        return (mu, *backward(out.lin, mu))
+
+    _, K, k, ok = jax.lax.while_loop(lambda c: ~c[3] & (c[0] <= s["reg_max"]), regularize,
+                                     (out.mu, out.K_ok, out.k_ok, out.have_ok))
     history = jnp.where(jnp.arange(maxiter) < out.iteration, out.history, out.J)
     return Solution(x=out.X, u=out.U, cost=out.J, iterations=out.iteration,
-                    converged=out.converged, K=out.K, k=out.k, history=history)
+                    converged=out.converged, K=jnp.where(ok, K, jnp.nan), k=jnp.where(ok, k, jnp.nan),
+                    history=history)
 
