@@ -57,14 +57,19 @@ def main(out_dir: Path, argv: list[str]) -> int:
         runs.append({"env": name, "seed": seed, "overrides": {k: list(v) if isinstance(v, tuple) else v
                                                               for k, v in overrides.items()},
                      "rows": [{k: row[k] for k in ("episode", "env_steps", *COLUMNS, "kl", "lam", "policy_loss")}
+                              | ({"test_at_goal": row["test_at_goal"]} if name == "pendulum" else {})
                               for row in run.rows],
                      "train_costs": result.train_costs, "test_costs": result.test_costs,
                      "ilqr_train": result.reference_train, "ilqr_test": result.reference_test,
+                     # ends near upright (the pendulum; other systems have no such goal test)
+                     "test_at_goal": result.test_at_goal if name == "pendulum" else None,
                      "test_ratio": float(np.mean(result.test_costs) / np.mean(result.reference_test)),
                      "train_ratio": float(np.mean(result.train_costs) / np.mean(result.reference_train)),
                      "seconds": seconds})
         print(f"{name} seed {seed}: global/iLQR {runs[-1]['train_ratio']:.3f} on training starts, "
-              f"{runs[-1]['test_ratio']:.3f} on test starts ({seconds:.0f} s)", flush=True)
+              f"{runs[-1]['test_ratio']:.3f} on test starts"
+              + (f", {result.test_at_goal}/4 test starts end upright" if name == "pendulum" else "")
+              + f" ({seconds:.0f} s)", flush=True)
     record = {"machine": machine_info(None), "settings": {"seeds": seed_list(args.seeds), "episodes": args.episodes},
               "runs": runs}
     (out_dir / "gps.json").write_text(json.dumps(record, indent=1))
