@@ -6,9 +6,13 @@
 
 Runs each agent (any name of the agents registry, `forethought list`, with its default `Config`
 but for `episodes`) for each seed in this process, one after another, and records return, env
-steps and wall seconds per episode. The returns are those of the training episodes (SAC's
-stochastic policy, random actions during the warm-up), as every run folder's `metrics.csv` has
-them.
+steps and wall seconds per episode. The returns compared are those of the training episodes
+(SAC's stochastic policy, random actions during the warm-up), as every run folder's `metrics.csv`
+has them, or with `--eval N --metric eval` the mean return of N episodes of the deterministic
+policy after each training episode (the agents' `eval_episodes`: on a separate env instance, not
+counted as env steps; what MBPO's paper plots). Both are recorded when `--eval` is given.
+`--merge a.json,b.json` summarises runs made in several processes (say, one agent per core) into
+one `mbpo.json` and figure, without running anything.
 
 Derived: "env steps to reach R", per seed the env steps at the end of the first episode whose
 trailing mean return over `--window` episodes is at least `--threshold` (default -250 on this
@@ -34,6 +38,7 @@ over seeds, against env steps and against wall-clock minutes).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import statistics
@@ -58,6 +63,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=int, default=3, help="episodes in the trailing mean compared with R")
     parser.add_argument("--max-steps", default="", help="NAME=N pairs, comma separated: stop an agent's run "
                         "before the first episode that would start at or past N env steps")
+    parser.add_argument("--eval", type=int, default=0, help="episodes of the deterministic policy after each "
+                        "training episode (the agents' eval_episodes; not counted as env steps)")
+    parser.add_argument("--merge", default="", help="mbpo.json files, comma separated: summarise their runs "
+                        "together (runs split over processes or cores) instead of running anything")
+    parser.add_argument("--metric", choices=("train", "eval"), default="train",
+                        help="the returns compared: the training episodes' or the evaluation episodes' (needs --eval)")
     return parser
 
 
@@ -98,6 +109,9 @@ def _step_budget(env, steps: int):
         def step(self, action):
             self.taken += 1
             return self.env.step(action)
+
+        def __deepcopy__(self, memo):  # an agent's evaluation copy (built-in systems) counts nothing
+            return copy.deepcopy(self.env, memo)
 
     return StepBudget(env)
 
@@ -142,13 +156,22 @@ def main(out_dir: Path, argv: list[str]) -> int:
             raise UsageError("--agents and --seeds must each name at least one")
         if options.window < 1:
             raise UsageError(f"--window must be >= 1, got {options.window}")
+        if options.eval < 0:
+            raise UsageError(f"--eval must be >= 0, got {options.eval}")
+        if options.metric == "eval" and not options.eval:
+            raise UsageError("--metric eval needs --eval N (N >= 1 evaluation episodes)")
         episodes = _parse_episodes(options.episodes, agents)
         max_steps = _parse_max_steps(options.max_steps, agents)
         configs = {}
         for name in agents:
             cls = registry.config_class(name)
+            fields = {} if episodes[name] is None else {"episodes": episodes[name]}
+            if options.eval:
+                if "eval_episodes" not in {f.name for f in dataclasses.fields(cls)}:
+                    raise UsageError(f"--eval: agent {name!r} has no evaluation episodes (eval_episodes)")
+                fields["eval_episodes"] = options.eval
             try:
-                configs[name] = cls() if episodes[name] is None else cls(episodes=episodes[name])
+                configs[name] = cls(**fields)
             except ForethoughtError as error:
                 raise UsageError(f"--episodes for {name}: {error}") from None
     except UsageError as error:
@@ -164,7 +187,24 @@ def main(out_dir: Path, argv: list[str]) -> int:
     enable_compilation_cache()
     started = time.perf_counter()
     results: dict[str, dict] = {}
-    for name in agents:
+    if options.merge:
+        for path in options.merge.split(","):
+            for name, entry in json.loads(Path(path).read_text())["agents"].items():
+                if name in agents:
+                    merged = results.setdefault(name, {"config": entry["config"], "runs": []})
+                    merged["runs"] += entry["runs"]
+        for name in agents:
+            runs = results.get(name, {}).get("runs", [])
+            if not runs or (options.metric == "eval" and any("eval_returns" not in r for r in runs)):
+                print(f"forethought bench mbpo: error: --merge files have no {options.metric} runs of {name!r}",
+                      file=sys.stderr)
+                return 2
+            for r in runs:
+                r.setdefault("training_returns", r["returns"])  # files written before --eval
+                r["returns"] = r["eval_returns" if options.metric == "eval" else "training_returns"]
+            runs.sort(key=lambda r: r["seed"])
+        seeds = sorted({r["seed"] for name in agents for r in results[name]["runs"]})
+    for name in agents if not options.merge else []:
         module = registry.load(name)
         runs = []
         for seed in seeds:
@@ -178,32 +218,19 @@ def main(out_dir: Path, argv: list[str]) -> int:
             except _BudgetSpent:
                 pass
             runs.append({"seed": seed, "total_seconds": round(time.perf_counter() - start, 1),
-                         "returns": [round(float(r["return"]), 3) for r in run.rows],
+                         "training_returns": [round(float(r["return"]), 3) for r in run.rows],
+                         **({"eval_returns": [round(float(r["eval_return"]), 3) for r in run.rows]}
+                            if options.eval else {}),
                          "env_steps": [int(r["env_steps"]) for r in run.rows],
                          "wall_seconds": [float(r["wall_seconds"]) for r in run.rows]})
+            # "returns": what is compared (--metric)
+            runs[-1]["returns"] = runs[-1]["eval_returns" if options.metric == "eval" else "training_returns"]
             final = np.mean(runs[-1]["returns"][-5:])
             print(f"{name} seed {seed}: final return {final:.1f} after {runs[-1]['env_steps'][-1]} env steps, "
                   f"{runs[-1]['total_seconds']} s", file=sys.stderr, flush=True)
         results[name] = {"config": dataclasses.asdict(configs[name]), "runs": runs}
 
-    first = agents[0]
-    best_final = max(np.mean(r["returns"][-5:]) for r in results[first]["runs"])
-    thresholds = {"fixed": options.threshold,
-                  f"{first}'s best final return less 10%": round(float(best_final - 0.1 * abs(best_final)), 3)}
-    summary_steps: dict[str, dict] = {}
-    for label, threshold in thresholds.items():
-        per_agent = {}
-        for name in agents:
-            steps = [steps_to_reach(r["returns"], r["env_steps"], threshold, options.window)
-                     for r in results[name]["runs"]]
-            reached = [s for s in steps if s is not None]
-            per_agent[name] = {"per_seed": steps,
-                               "median": statistics.median(reached) if len(reached) == len(steps) else None}
-        base = per_agent[first]["median"]
-        for name in agents:
-            mine = per_agent[name]["median"]
-            per_agent[name][f"{first}_steps_over_these"] = (round(base / mine, 2) if base and mine else None)
-        summary_steps[label] = {"threshold": threshold, "agents": per_agent}
+    summary_steps = _steps_to_reach(results, agents, options, "returns")
     for name in agents:
         runs = results[name]["runs"]
         results[name]["final_return"] = {"per_seed": [round(float(np.mean(r["returns"][-5:])), 1) for r in runs],
@@ -211,15 +238,22 @@ def main(out_dir: Path, argv: list[str]) -> int:
         results[name]["total_seconds"] = [r["total_seconds"] for r in runs]
 
     summary = {
-        "task": f"{options.env}: return of each training episode against env steps",
+        "task": f"{options.env}: return of each " + ("training episode" if options.metric == "train" else
+                                                     f"episode's {options.eval} evaluation episodes (deterministic "
+                                                     "policy, mean)") + " against env steps",
         "settings": {"agents": agents, "seeds": seeds, "episodes": episodes, "max_steps": max_steps,
                      "env": options.env,
-                     "threshold": options.threshold, "window": options.window,
+                     "threshold": options.threshold, "window": options.window, "eval": options.eval,
+                     "metric": options.metric,
                      "steps_to_reach": "env steps at the end of the first episode whose trailing "
                                        f"{options.window}-episode mean return >= threshold"},
         "steps_to_reach": summary_steps,
+        **({"steps_to_reach_training_returns": _steps_to_reach(results, agents, options, "training_returns")}
+           if options.metric == "eval" else {}),
         "agents": results,
-        "wall_seconds": round(time.perf_counter() - started, 1),
+        "wall_seconds": (round(sum(r["total_seconds"] for name in agents for r in results[name]["runs"]), 1)
+                         if options.merge else round(time.perf_counter() - started, 1)),
+        **({"merged_from": options.merge.split(",")} if options.merge else {}),
         "machine": {**machine_info(None), "note": "2 cores shared with other jobs; not pinned"},
     }
     (out_dir / "mbpo.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -228,6 +262,29 @@ def main(out_dir: Path, argv: list[str]) -> int:
                       "final_return": {n: results[n]["final_return"]["mean"] for n in agents},
                       "seconds_per_run": {n: results[n]["total_seconds"] for n in agents}}, indent=2))
     return 0
+
+
+def _steps_to_reach(results: dict, agents: list[str], options, key: str) -> dict[str, dict]:
+    """Per threshold (the fixed one; the first agent's best final return less 10%), each agent's
+    env steps to reach it per seed, their median, and the first agent's median over it."""
+    first = agents[0]
+    best_final = max(np.mean(r[key][-5:]) for r in results[first]["runs"])
+    thresholds = {"fixed": options.threshold,
+                  f"{first}'s best final return less 10%": round(float(best_final - 0.1 * abs(best_final)), 3)}
+    summary: dict[str, dict] = {}
+    for label, threshold in thresholds.items():
+        per_agent = {}
+        for name in agents:
+            steps = [steps_to_reach(r[key], r["env_steps"], threshold, options.window) for r in results[name]["runs"]]
+            reached = [s for s in steps if s is not None]
+            per_agent[name] = {"per_seed": steps,
+                               "median": statistics.median(reached) if len(reached) == len(steps) else None}
+        base = per_agent[first]["median"]
+        for name in agents:
+            mine = per_agent[name]["median"]
+            per_agent[name][f"{first}_steps_over_these"] = (round(base / mine, 2) if base and mine else None)
+        summary[label] = {"threshold": threshold, "agents": per_agent}
+    return summary
 
 
 def _band(runs: list[dict], key: str):
@@ -256,7 +313,8 @@ def _plot(summary: dict, path: Path) -> None:
             ax.fill_between(x / scale, low, high, color=f"C{i}", alpha=0.2, linewidth=0)
     for ax in (left, right):
         ax.axhline(fixed["threshold"], color="grey", linestyle="--", linewidth=0.8)
-        ax.set_ylabel("return (training episode)")
+        ax.set_ylabel("return (training episode)" if summary["settings"].get("metric", "train") == "train"
+                      else "return (evaluation, deterministic policy)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
     left.set_xlabel("environment steps (log)")

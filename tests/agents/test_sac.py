@@ -1,5 +1,7 @@
 """The SAC agent on a tiny known task: a 1-D point mass (the double integrator) driven to the origin."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -7,7 +9,7 @@ import pytest
 
 from forethought import systems
 from forethought.agents import sac
-from forethought.agents.base import MemoryRun, run_episode
+from forethought.agents.base import MemoryRun, episode_seed, run_episode
 from forethought.errors import ForethoughtError
 from forethought.systems.gym import SystemEnv
 
@@ -32,6 +34,23 @@ def test_sac_drives_the_point_mass_home():
     assert np.isnan(run.rows[0]["critic_loss"]) and np.isfinite(run.rows[-1]["critic_loss"])
 
 
+def test_evaluation_episodes_are_logged_and_leave_training_unchanged():
+    """`eval_episodes` runs the deterministic policy on a separate env instance: the training
+    rows (returns, env steps, losses) are those of the run without it, and the last row's
+    `eval_return` is the final policy's mean return over the same reset seeds."""
+    config = sac.Config(episodes=5, **SMALL)
+    plain, evaluated = MemoryRun(), MemoryRun()
+    env = SystemEnv(SYSTEM)
+    sac.train(config, env, jax.random.key(0), plain)
+    result = sac.train(dataclasses.replace(config, eval_episodes=2), env, jax.random.key(0), evaluated)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_seconds", "eval_return")} for r in rows]  # noqa: E731
+    assert np.array_equal(np.asarray([list(r.values()) for r in strip(evaluated.rows)], float),
+                          np.asarray([list(r.values()) for r in strip(plain.rows)], float), equal_nan=True)
+    assert "eval_return" not in plain.rows[0] and all(np.isfinite(r["eval_return"]) for r in evaluated.rows)
+    seeds = [episode_seed(jax.random.fold_in(jax.random.key(0), 5), 4 * 2 + j) for j in range(2)]
+    assert evaluated.rows[-1]["eval_return"] == pytest.approx(mean_return(result.policy, seeds), rel=1e-6)
+
+
 def test_the_warm_up_acts_at_random_then_the_policy_takes_over():
     spec = sac.spec_for(sac.Config(**SMALL), SystemEnv(SYSTEM))
     import forethought.rl.sac as learner
@@ -53,6 +72,7 @@ def test_the_warm_up_acts_at_random_then_the_policy_takes_over():
     ("tau", 0.0, "tau must be in"),
     ("actor_lr", -1.0, "actor_lr must be > 0"),
     ("random_steps", -1, "random_steps"),
+    ("eval_episodes", -1, "eval_episodes must be an integer >= 0"),
 ])
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ForethoughtError, match=message):

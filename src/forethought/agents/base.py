@@ -12,6 +12,7 @@ repeats exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import Any, Callable, Protocol
@@ -104,6 +105,28 @@ def run_episode(env: gymnasium.Env, policy: Callable[[np.ndarray, int], Any], se
             truncated = True
     return Episode(np.asarray(observations), np.asarray(actions), np.asarray(rewards, np.float64),
                    bool(terminated), bool(truncated))
+
+
+def evaluation_env(env: gymnasium.Env) -> gymnasium.Env:
+    """A separate instance of `env` for evaluation episodes, so that they change neither its
+    state nor what its wrappers count: for a registered env `gymnasium.make` of its spec (time
+    limit and wrappers rebuilt; wrappers that cannot be rebuilt from a spec are peeled off from
+    the outside until one can), otherwise (a built-in system's env) a deep copy."""
+    if env.unwrapped.spec is None:
+        return copy.deepcopy(env)
+    while True:
+        try:
+            return gymnasium.make(env.spec)
+        except ValueError:  # "wrapper ... cannot be recreated"
+            env = env.env
+
+
+def evaluate(env: gymnasium.Env, policy: Callable[[np.ndarray, int], Any], episodes: int, key: jax.Array,
+             index: int) -> float:
+    """Mean return of `episodes` episodes of `policy` in `env` (an `evaluation_env`), the `j`-th
+    from `reset(seed=episode_seed(key, index * episodes + j))`."""
+    return float(np.mean([run_episode(env, policy, episode_seed(key, index * episodes + j)).total_reward
+                          for j in range(episodes)]))
 
 
 class EpisodeClock:

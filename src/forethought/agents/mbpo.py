@@ -63,8 +63,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from forethought.agents import sac as sac_agent
-from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
-                                     run_episode, save_buffer)
+from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, evaluate,
+                                     evaluation_env, restore_buffer, run_episode, save_buffer)
 from forethought.errors import ForethoughtError
 from forethought.models.ensemble import Ensemble, EnsembleSpec
 from forethought.models.reward import LearnedTask, RewardTrainConfig
@@ -308,6 +308,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
     pending, updates, last_fit = int(counters["pending"]), int(counters["updates"]), int(counters["last_fit"])
     clock = EpisodeClock(float(counters["elapsed"]))
+    eval_env = evaluation_env(env) if config.eval_episodes else None
 
     run.progress(config.episodes, start=start)
     try:
@@ -355,6 +356,9 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                        model_holdout_loss=holdout, rollout_length=k, model_pool=int(fake.size),
                        rollout_reward=(round(float(np.mean([float(x["rollout_reward"]) for x in metrics])), 6)
                                        if metrics else float("nan")))
+            if config.eval_episodes:
+                row["eval_return"] = evaluate(eval_env, sac_agent.greedy_policy(spec, learner.actor),
+                                              config.eval_episodes, jax.random.fold_in(key, 5), episode)
             run.log(**row)
             counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                         "elapsed": np.float64(clock.elapsed), "pending": np.int64(pending),

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, restore_buffer,
-                                     run_episode, save_buffer)
+from forethought.agents.base import (EpisodeClock, MemoryRun, RunLike, episode_key, episode_seed, evaluate,
+                                     evaluation_env, restore_buffer, run_episode, save_buffer)
 from forethought.errors import ForethoughtError
 from forethought.rl import sac
 from forethought.rl.buffer import ReplayBuffer
@@ -75,10 +75,14 @@ class Config:
     """Hidden layers of actor and critics."""
     buffer_size: int = 1_000_000
     """Most transitions the replay buffer keeps (oldest dropped first)."""
+    eval_episodes: int = 0
+    """Episodes of the deterministic policy after each training episode, on a separate instance
+    of the env and not counted as env steps; their mean return is logged as `eval_return` (the
+    return that papers plot; `return` is the training episode's, with the policy's noise)."""
 
     def __post_init__(self):
         checks = {"episodes": 1, "random_steps": 0, "updates_per_step": 1, "update_every": 1, "batch_size": 1,
-                  "hidden": 1, "layers": 1, "buffer_size": 1}
+                  "hidden": 1, "layers": 1, "buffer_size": 1, "eval_episodes": 0}
         for name, minimum in checks.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -184,6 +188,7 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
     start, env_steps = int(counters["episode"]), int(counters["env_steps"])
     pending, updates = int(counters["pending"]), int(counters["updates"])
     clock = EpisodeClock(float(counters["elapsed"]))
+    eval_env = evaluation_env(env) if config.eval_episodes else None
 
     run.progress(config.episodes, start=start)
     try:
@@ -208,9 +213,13 @@ def train(config: Config, env: gymnasium.Env, key: jax.Array, run: RunLike | Non
                 pending -= config.update_every
                 updates += steps
                 chunk += 1
-            run.log(episode=episode, env_steps=env_steps, **{"return": result.total_reward},
-                    length=result.length, wall_seconds=round(clock.elapsed, 3), updates=updates,
-                    **metric_row(metrics))
+            row = {"episode": episode, "env_steps": env_steps, "return": result.total_reward,
+                   "length": result.length, "wall_seconds": round(clock.elapsed, 3), "updates": updates,
+                   **metric_row(metrics)}
+            if config.eval_episodes:
+                row["eval_return"] = evaluate(eval_env, greedy_policy(spec, learner.actor), config.eval_episodes,
+                                              jax.random.fold_in(key, 5), episode)
+            run.log(**row)
             counters = {"episode": np.int64(episode + 1), "env_steps": np.int64(env_steps),
                         "elapsed": np.float64(clock.elapsed), "pending": np.int64(pending),
                         "updates": np.int64(updates)}
