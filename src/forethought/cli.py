@@ -407,8 +407,13 @@ def _finish_run(module, run, result, env_name: str, layout: str | None, seed: in
     `finish` event."""
     from forethought.experiment.plot import learning_curves, metric_figure
 
+    from forethought.experiment.run import read_metrics
+
     plot = learning_curves([run.path], run.path / "learning_curve.png", x="env_steps")
     outputs = [plot.name]
+    if "eval_return" in read_metrics(run.path):  # the agent's evaluation episodes (SAC, MBPO)
+        outputs.append(learning_curves([run.path], run.path / "eval_curve.png", x="env_steps", y="eval_return",
+                                       title="evaluation episodes (deterministic policy)").name)
     for figure in getattr(module, "FIGURES", ()):  # the agent's own pictures of its metrics
         outputs.append(metric_figure(run.path, figure).name)
     if gif and getattr(result, "policy", None) is not None:

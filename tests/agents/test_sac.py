@@ -125,8 +125,9 @@ def test_the_cli_runs_sac_and_writes_a_complete_run_folder(tmp_path):
 
     out = tmp_path / "run"
     flags = [f"--{name.replace('_', '-')}={value}" for name, value in SMALL.items()]
-    assert main(["run", "sac", "--env", "double-integrator", "--episodes", "3", "--out", str(out), *flags]) == 0
-    assert {"buffer.npz", "checkpoint.npz", "metrics.csv", "learning_curve.png", "final_episode.gif"} <= {
-        p.name for p in out.iterdir()}
+    assert main(["run", "sac", "--env", "double-integrator", "--episodes", "3", "--eval-episodes", "1",
+                 "--out", str(out), *flags]) == 0
+    assert {"buffer.npz", "checkpoint.npz", "metrics.csv", "learning_curve.png", "eval_curve.png",
+            "final_episode.gif"} <= {p.name for p in out.iterdir()}
     metrics = read_metrics(out)
     assert metrics["env_steps"] == [50, 100, 150] and metrics["updates"] == [0, 0, 240]
