@@ -2,7 +2,8 @@
 
     forethought bench mbpo [--agents sac,mbpo] [--seeds 0,1,2] [--episodes sac=150,mbpo=20]
                            [--env pendulum] [--threshold -250] [--window 3]
-                           [--max-steps sac=25000,mbpo=5000]
+                           [--max-steps sac=25000,mbpo=5000] [--eval N] [--metric train|eval]
+                           [--merge A.json,B.json]
 
 Runs each agent (any name of the agents registry, `forethought list`, with its default `Config`
 but for `episodes`) for each seed in this process, one after another, and records return, env
