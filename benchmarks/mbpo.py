@@ -188,6 +188,7 @@ def main(out_dir: Path, argv: list[str]) -> int:
     enable_compilation_cache()
     started = time.perf_counter()
     results: dict[str, dict] = {}
+    compared = "eval_returns" if options.metric == "eval" else "training_returns"  # --metric
     if options.merge:
         for path in options.merge.split(","):
             for name, entry in json.loads(Path(path).read_text())["agents"].items():
@@ -196,16 +197,15 @@ def main(out_dir: Path, argv: list[str]) -> int:
                     merged["runs"] += entry["runs"]
         for name in agents:
             runs = results.get(name, {}).get("runs", [])
-            if not runs or (options.metric == "eval" and any("eval_returns" not in r for r in runs)):
+            for r in runs:
+                r.setdefault("training_returns", r["returns"])  # files written before --eval
+            if not runs or any(compared not in r for r in runs):
                 print(f"forethought bench mbpo: error: --merge files have no {options.metric} runs of {name!r}",
                       file=sys.stderr)
                 return 2
-            for r in runs:
-                r.setdefault("training_returns", r["returns"])  # files written before --eval
-                r["returns"] = r["eval_returns" if options.metric == "eval" else "training_returns"]
             runs.sort(key=lambda r: r["seed"])
         seeds = sorted({r["seed"] for name in agents for r in results[name]["runs"]})
-    for name in agents if not options.merge else []:
+    for name in [] if options.merge else agents:
         module = registry.load(name)
         runs = []
         for seed in seeds:
@@ -224,12 +224,14 @@ def main(out_dir: Path, argv: list[str]) -> int:
                             if options.eval else {}),
                          "env_steps": [int(r["env_steps"]) for r in run.rows],
                          "wall_seconds": [float(r["wall_seconds"]) for r in run.rows]})
-            # "returns": what is compared (--metric)
-            runs[-1]["returns"] = runs[-1]["eval_returns" if options.metric == "eval" else "training_returns"]
-            final = np.mean(runs[-1]["returns"][-5:])
+            final = np.mean(runs[-1][compared][-5:])
             print(f"{name} seed {seed}: final return {final:.1f} after {runs[-1]['env_steps'][-1]} env steps, "
                   f"{runs[-1]['total_seconds']} s", file=sys.stderr, flush=True)
         results[name] = {"config": dataclasses.asdict(configs[name]), "runs": runs}
+
+    for name in agents:  # "returns": what the summary compares
+        for r in results[name]["runs"]:
+            r["returns"] = r[compared]
 
     summary_steps = _steps_to_reach(results, agents, options, "returns")
     for name in agents:

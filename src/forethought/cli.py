@@ -406,7 +406,6 @@ def _finish_run(module, run, result, env_name: str, layout: str | None, seed: in
     """A finished run's learning curve, the agent's figures, the GIF of its final policy and the
     `finish` event."""
     from forethought.experiment.plot import learning_curves, metric_figure
-
     from forethought.experiment.run import read_metrics
 
     plot = learning_curves([run.path], run.path / "learning_curve.png", x="env_steps")
